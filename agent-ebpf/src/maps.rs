@@ -1,0 +1,192 @@
+//! Map names, capacities, keys and values shared by the XDP program and the agent.
+//!
+//! Rules for every type here (DESIGN.md): `#[repr(C)]`, explicit `_pad` fields so no byte
+//! of a key is ever uninitialised, sizes checked at compile time, no bool/enum/Option.
+//! Addresses are 16 network-order octets: IPv6 as is, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`),
+//! so one key type serves both families.
+//!
+//! Every policy-derived key carries a `generation` slot (0 or 1). A reload writes the new
+//! generation beside the live one, then flips [`Config::generation`] in one store; the
+//! program reads it once per packet, so each packet is judged wholly by one policy.
+
+/// An IPv6 address or an IPv4-mapped IPv4 address, network byte order.
+pub type Addr = [u8; 16];
+
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+pub const MAP_ZONES: &str = "ZONES";
+pub const MAP_SEGMENTS: &str = "SEGMENTS";
+pub const MAP_POLICY: &str = "POLICY";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Capacities per generation; the maps hold two generations.
+pub const MAX_ENDPOINTS: u32 = 131_072;
+pub const MAX_ZONE_PREFIXES: u32 = 16_384;
+pub const MAX_SEGMENTS: u32 = 4_096;
+pub const MAX_POLICY_ENTRIES: u32 = 131_072;
+pub const GENERATIONS: u32 = 2;
+
+/// The XDP program's name in the object file.
+pub const PROG_XDP_DEVICE: &str = "segward_device";
+
+/// Mapped-IPv4 prefix length: an IPv4 /n is an IPv6 /(96 + n).
+pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// IPv4-mapped form of an IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Global settings, the single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The live generation slot (0 or 1).
+    pub generation: u8,
+    /// [`CONFIG_AUDIT`] and friends.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Whole agent in audit mode: would-be drops pass and are counted.
+pub const CONFIG_AUDIT: u8 = 1;
+
+/// Key of `ENDPOINTS` (exact addresses) and data part of the `ZONES` LPM key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    pub generation: u8,
+    pub _pad: [u8; 3],
+    pub addr: Addr,
+}
+
+/// Bits of an [`AddrKey`] in front of the address, for LPM prefix lengths.
+pub const ADDR_KEY_HEADER_BITS: u32 = 32;
+
+/// An address the policy knows exactly: a device's address or one of the gateway's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Device number (1-based; 0 for a gateway address).
+    pub device: u32,
+    /// Destination identity of this address: which policy targets it belongs to.
+    pub identity: u32,
+    /// Segment number of the owning device.
+    pub segment: u16,
+    /// `ENDPOINT_*` flags.
+    pub flags: u8,
+    pub _pad: u8,
+    /// The device's pinned MAC (when `ENDPOINT_CHECK_MAC`).
+    pub mac: [u8; 6],
+    pub _pad2: [u8; 2],
+}
+
+/// The address belongs to a device (and may send).
+pub const ENDPOINT_DEVICE: u8 = 1;
+/// The device's MAC is pinned: a different source MAC is a spoof.
+pub const ENDPOINT_CHECK_MAC: u8 = 2;
+
+/// Value of the `ZONES` LPM trie: the identity of every address inside the prefix that is
+/// not an endpoint. Userspace gives each prefix the identity of the *set* of zones/CIDRs
+/// containing it, so one longest-prefix lookup answers "in which zones".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ZoneIdentity {
+    pub identity: u32,
+}
+
+/// Key of `SEGMENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SegmentKey {
+    pub generation: u8,
+    pub _pad: u8,
+    pub segment: u16,
+}
+
+/// Per-segment facts the program needs before it looks up policy entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SegmentPolicy {
+    /// Bit n set: some `allow` entry of this segment has port prefix length n (0..=16).
+    /// The program tries only these lengths, so a miss costs at most 17 lookups whatever
+    /// the number of rules, and typically two.
+    pub allow_port_prefixes: u32,
+    /// The same for `accept` entries.
+    pub accept_port_prefixes: u32,
+    /// `SEGMENT_*` flags.
+    pub flags: u32,
+}
+
+/// The segment is in audit mode.
+pub const SEGMENT_AUDIT: u32 = 1;
+
+/// Key of `POLICY`: "segment may open a flow of `protocol` to port `port/port_prefix` of a
+/// peer with `identity`" (`DIR_ALLOW`), or "a peer with `identity` may open one to the
+/// segment" (`DIR_ACCEPT`). `port` is masked to `port_prefix` bits; `protocol` 0 is `any`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub generation: u8,
+    pub direction: u8,
+    pub protocol: u8,
+    pub port_prefix: u8,
+    pub segment: u16,
+    pub port: u16,
+    pub identity: u32,
+}
+
+pub const DIR_ALLOW: u8 = 0;
+pub const DIR_ACCEPT: u8 = 1;
+
+/// Protocol number used for `any`.
+pub const PROTO_ANY: u8 = 0;
+
+/// Which rule a policy entry came from (index into the agent's compiled rule table).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub rule: u32,
+}
+
+/// `port` masked to its first `prefix` bits.
+#[inline(always)]
+pub const fn mask_port(port: u16, prefix: u8) -> u16 {
+    if prefix == 0 {
+        0
+    } else if prefix >= 16 {
+        port
+    } else {
+        port & !(u16::MAX >> prefix)
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Config>() == 4);
+    assert!(core::mem::size_of::<AddrKey>() == 20);
+    assert!(core::mem::size_of::<Endpoint>() == 20);
+    assert!(core::mem::size_of::<ZoneIdentity>() == 4);
+    assert!(core::mem::size_of::<SegmentKey>() == 4);
+    assert!(core::mem::size_of::<SegmentPolicy>() == 12);
+    assert!(core::mem::size_of::<PolicyKey>() == 12);
+    assert!(core::mem::size_of::<PolicyValue>() == 4);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all are `#[repr(C)]`, `Copy`, and have explicit padding (checked above), so
+    // every byte is initialised and any bit pattern is valid.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ZoneIdentity {}
+    unsafe impl aya::Pod for SegmentKey {}
+    unsafe impl aya::Pod for SegmentPolicy {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+}

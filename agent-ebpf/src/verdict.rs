@@ -1,0 +1,297 @@
+//! How a packet becomes a verdict (SPEC §2), written once for the kernel and the host.
+//!
+//! The XDP program parses a packet into a [`Flow`] (or an ARP sender) and calls
+//! [`judge_from_device`] / [`judge_arp`] with [`Tables`] backed by BPF maps; the agent calls
+//! the same functions with tables built from a compiled policy. Nothing here may panic, loop
+//! unboundedly or use more than a few hundred bytes of stack: it runs in the verifier's world.
+
+use crate::maps::{
+    mask_port, Addr, AddrKey, Config, Endpoint, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy,
+    ZoneIdentity, ADDR_KEY_HEADER_BITS, CONFIG_AUDIT, DIR_ALLOW, ENDPOINT_CHECK_MAC,
+    ENDPOINT_DEVICE, PROTO_ANY, SEGMENT_AUDIT,
+};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Identity of addresses that belong to no endpoint and no zone; no policy entry has it.
+pub const IDENTITY_WORLD: u32 = 0;
+
+/// The lookups the decision needs. Values are returned by copy: they are small, and the
+/// kernel must not hold references into maps across other calls.
+pub trait Tables {
+    fn endpoint(&self, key: &AddrKey) -> Option<Endpoint>;
+    /// Longest-prefix match of `key`'s first `prefix_len` bits.
+    fn zone(&self, prefix_len: u32, key: &AddrKey) -> Option<ZoneIdentity>;
+    fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy>;
+    fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
+}
+
+/// The L3/L4 facts of an IP packet that the decision uses. Ports are host order; for
+/// protocols without ports they are 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_mac: [u8; 6],
+    pub protocol: u8,
+    /// ICMP/ICMPv6 type, else 0.
+    pub icmp_type: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Why a packet passed or was dropped; the index of its counter.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// An `allow`/`accept` rule matched.
+    Allowed = 0,
+    /// ARP, DHCP, DHCPv6, neighbour/router solicitation: what every device needs to get on
+    /// the network.
+    Essential = 1,
+    /// No rule allows the flow.
+    DefaultDeny = 2,
+    /// The source address is bound to no device.
+    UnknownDevice = 3,
+    /// The source MAC differs from the device's pinned MAC (IP or ARP).
+    Spoof = 4,
+    /// Headers that cannot be parsed.
+    Malformed = 5,
+    /// An ethertype other than IPv4, IPv6 and ARP.
+    NonIp = 6,
+    /// A non-first IPv4 fragment (or an IPv6 fragment) of an untracked flow.
+    Fragment = 7,
+}
+
+/// Number of [`Reason`]s; counters are indexed `reason + REASON_COUNT * audited`.
+pub const REASON_COUNT: u32 = 8;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Allowed,
+        Reason::Essential,
+        Reason::DefaultDeny,
+        Reason::UnknownDevice,
+        Reason::Spoof,
+        Reason::Malformed,
+        Reason::NonIp,
+        Reason::Fragment,
+    ];
+
+    #[inline(always)]
+    pub const fn passes(self) -> bool {
+        matches!(self, Reason::Allowed | Reason::Essential)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::Essential => "essential",
+            Reason::DefaultDeny => "default_deny",
+            Reason::UnknownDevice => "unknown_device",
+            Reason::Spoof => "spoof",
+            Reason::Malformed => "malformed",
+            Reason::NonIp => "non_ip",
+            Reason::Fragment => "fragment",
+        }
+    }
+}
+
+/// The outcome for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    /// A would-be drop that audit mode lets pass.
+    pub audited: bool,
+    /// The matching policy entry's rule (0 when no rule decided).
+    pub rule: u32,
+    /// The source device (0 when unknown).
+    pub device: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    pub const fn new(reason: Reason) -> Self {
+        Decision {
+            reason,
+            audited: false,
+            rule: 0,
+            device: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn passes(&self) -> bool {
+        self.reason.passes() || self.audited
+    }
+
+    /// Index into the per-CPU counter array.
+    #[inline(always)]
+    pub const fn counter_index(&self) -> u32 {
+        self.reason as u32 + if self.audited { REASON_COUNT } else { 0 }
+    }
+}
+
+/// A drop that the whole agent's audit mode turns into a counted pass.
+#[inline(always)]
+pub fn drop_reason(config: &Config, reason: Reason) -> Decision {
+    Decision {
+        audited: config.flags & CONFIG_AUDIT != 0,
+        ..Decision::new(reason)
+    }
+}
+
+/// ARP from a device: passes unless its sender IP is bound to a device whose MAC is pinned
+/// and differs from the sender MAC (SPEC §2 rule 1).
+#[inline(always)]
+pub fn judge_arp<T: Tables>(
+    tables: &T,
+    config: &Config,
+    sender_ip: &Addr,
+    sender_mac: &[u8; 6],
+) -> Decision {
+    let key = addr_key(config, sender_ip);
+    match tables.endpoint(&key) {
+        Some(owner) if is_spoofed(&owner, sender_mac) => Decision {
+            device: owner.device,
+            ..drop_reason(config, Reason::Spoof)
+        },
+        _ => Decision::new(Reason::Essential),
+    }
+}
+
+/// A new IP packet from a device-facing interface (SPEC §2 rules 2, 5, 6).
+#[inline(always)]
+pub fn judge_from_device<T: Tables>(tables: &T, config: &Config, flow: &Flow) -> Decision {
+    let generation = config.generation & 1;
+    let source = match tables.endpoint(&addr_key(config, &flow.src)) {
+        Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
+        _ if is_essential(flow) => return Decision::new(Reason::Essential),
+        _ => return drop_reason(config, Reason::UnknownDevice),
+    };
+    let decided = |mut d: Decision| {
+        d.device = source.device;
+        d
+    };
+    if is_spoofed(&source, &flow.src_mac) {
+        return decided(drop_reason(config, Reason::Spoof));
+    }
+    if is_essential(flow) {
+        return decided(Decision::new(Reason::Essential));
+    }
+    let Some(segment) = tables.segment(&SegmentKey {
+        generation,
+        _pad: 0,
+        segment: source.segment,
+    }) else {
+        return decided(drop_reason(config, Reason::DefaultDeny));
+    };
+    let identity = destination_identity(tables, config, &flow.dst);
+    let key = PolicyKey {
+        generation,
+        direction: DIR_ALLOW,
+        protocol: flow.protocol,
+        port_prefix: 0,
+        segment: source.segment,
+        port: 0,
+        identity,
+    };
+    match lookup_policy(tables, key, flow.dport, segment.allow_port_prefixes) {
+        Some(rule) => decided(Decision {
+            rule,
+            ..Decision::new(Reason::Allowed)
+        }),
+        None => {
+            let mut d = drop_reason(config, Reason::DefaultDeny);
+            d.audited |= segment.flags & SEGMENT_AUDIT != 0;
+            decided(d)
+        }
+    }
+}
+
+#[inline(always)]
+fn addr_key(config: &Config, addr: &Addr) -> AddrKey {
+    AddrKey {
+        generation: config.generation & 1,
+        _pad: [0; 3],
+        addr: *addr,
+    }
+}
+
+#[inline(always)]
+fn is_spoofed(owner: &Endpoint, mac: &[u8; 6]) -> bool {
+    owner.flags & ENDPOINT_CHECK_MAC != 0 && !mac_eq(&owner.mac, mac)
+}
+
+/// Byte-wise comparison: `==` on arrays may lower to a `memcmp` call, which BPF lacks.
+#[inline(always)]
+fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])
+        == 0
+}
+
+/// DHCP/DHCPv6 client traffic and IPv6 router/neighbour solicitation and advertisement.
+#[inline(always)]
+pub fn is_essential(flow: &Flow) -> bool {
+    match flow.protocol {
+        PROTO_UDP => matches!((flow.sport, flow.dport), (68, 67) | (546, 547)),
+        // 133 router solicitation, 135 neighbour solicitation, 136 neighbour advertisement.
+        // Router advertisements (134) from a device would be a rogue router: not essential.
+        PROTO_ICMPV6 => matches!(flow.icmp_type, 133 | 135 | 136),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+pub const fn has_ports(protocol: u8) -> bool {
+    matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+}
+
+/// Which policy targets `dst` belongs to: an endpoint's own identity, else the identity
+/// of the longest zone prefix containing it, else the world.
+#[inline(always)]
+pub fn destination_identity<T: Tables>(tables: &T, config: &Config, dst: &Addr) -> u32 {
+    let key = addr_key(config, dst);
+    if let Some(e) = tables.endpoint(&key) {
+        return e.identity;
+    }
+    match tables.zone(ADDR_KEY_HEADER_BITS + 128, &key) {
+        Some(z) => z.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// The rule of the policy entry for `key` (direction, segment, identity, protocol set) and
+/// `port`, trying only the port prefix lengths the segment uses, then the `any` protocol.
+#[inline(always)]
+fn lookup_policy<T: Tables>(
+    tables: &T,
+    mut key: PolicyKey,
+    port: u16,
+    prefixes: u32,
+) -> Option<u32> {
+    if has_ports(key.protocol) {
+        let mut i: u8 = 0;
+        while i <= 16 {
+            let prefix = 16 - i;
+            if prefixes & (1 << prefix) != 0 {
+                key.port_prefix = prefix;
+                key.port = mask_port(port, prefix);
+                if let Some(v) = tables.policy(&key) {
+                    return Some(v.rule);
+                }
+            }
+            i += 1;
+        }
+    } else if let Some(v) = tables.policy(&key) {
+        return Some(v.rule);
+    }
+    key.protocol = PROTO_ANY;
+    key.port_prefix = 0;
+    key.port = 0;
+    tables.policy(&key).map(|v| v.rule)
+}

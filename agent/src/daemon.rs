@@ -1,0 +1,66 @@
+//! `segward run`: load the policy, put it into the kernel, enforce until told to stop.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use crate::{
+    datapath::Datapath,
+    netns::Netns,
+    policy::{compile::compile, load::load_dir},
+};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub policy_dir: PathBuf,
+    pub device_ifaces: Vec<String>,
+    pub audit: bool,
+    pub netns: Option<String>,
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let netns = match &opts.netns {
+        Some(name) => Netns::named(name)?,
+        None => Netns::current(),
+    };
+    let policy = load_dir(&opts.policy_dir)?;
+    let gateway = netns.gateway_addresses()?;
+    let compiled = compile(&policy, &gateway).context("compiling the policy")?;
+    let (segments, devices) = (compiled.segment_names.len(), compiled.device_ids.len());
+
+    let mut datapath = Datapath::load()?;
+    datapath.set_audit(opts.audit)?;
+    datapath.install(compiled)?;
+    for iface in &opts.device_ifaces {
+        datapath.attach_device_iface(&netns, iface)?;
+    }
+    info!(
+        policy = %opts.policy_dir.display(),
+        segments,
+        devices,
+        interfaces = ?opts.device_ifaces,
+        netns = opts.netns.as_deref().unwrap_or("-"),
+        mode = if opts.audit { "audit" } else { "enforce" },
+        "enforcing"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    for (reason, enforced, audited) in datapath.counters()? {
+        if enforced + audited > 0 {
+            info!(
+                reason = reason.name(),
+                packets = enforced,
+                audited,
+                "counter"
+            );
+        }
+    }
+    info!("stopping: detaching from the interfaces");
+    Ok(())
+}

@@ -1,0 +1,99 @@
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use segward::{
+    daemon::{self, RunOptions},
+    policy::load::{load_dir, LoadError},
+};
+
+/// Zero-trust micro-segmentation for Linux IoT gateways.
+#[derive(Parser)]
+#[command(name = "segward", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: load the policy, attach to the interfaces, enforce.
+    Run {
+        /// Directory of segment files.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Device-facing interface (repeat for several).
+        #[arg(long = "device-iface", required = true)]
+        device_ifaces: Vec<String>,
+        /// Let would-be drops pass and count them (whole agent).
+        #[arg(long)]
+        audit: bool,
+        /// Work on the interfaces of this named network namespace (`ip netns`).
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Validate a policy directory.
+    Check {
+        dir: PathBuf,
+        /// Make warnings fail.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            policy,
+            device_ifaces,
+            audit,
+            netns,
+        } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let opts = RunOptions {
+                policy_dir: policy,
+                device_ifaces,
+                audit,
+                netns,
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("segward: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(daemon::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("segward: {e:#}");
+                    if e.downcast_ref::<LoadError>().is_some() {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+            }
+        }
+        Command::Check { dir, strict: _ } => match load_dir(&dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(LoadError::Invalid(diagnostics)) => {
+                for d in diagnostics {
+                    println!("{d}");
+                }
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("segward: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}

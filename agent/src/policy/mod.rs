@@ -1,0 +1,4 @@
+pub mod compile;
+pub mod diagnostic;
+pub mod load;
+pub mod model;
