@@ -18,6 +18,8 @@ pub const MAP_ZONES: &str = "ZONES";
 pub const MAP_SEGMENTS: &str = "SEGMENTS";
 pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+pub const MAP_DEVICE_IFACES: &str = "DEVICE_IFACES";
 
 /// Capacities per generation; the maps hold two generations.
 pub const MAX_ENDPOINTS: u32 = 131_072;
@@ -25,9 +27,14 @@ pub const MAX_ZONE_PREFIXES: u32 = 16_384;
 pub const MAX_SEGMENTS: u32 = 4_096;
 pub const MAX_POLICY_ENTRIES: u32 = 131_072;
 pub const GENERATIONS: u32 = 2;
+/// Tracked flows (LRU: the least recently used are evicted when full).
+pub const MAX_TRACKED_FLOWS: u32 = 65_536;
+pub const MAX_DEVICE_IFACES: u32 = 256;
 
-/// The XDP program's name in the object file.
-pub const PROG_XDP_DEVICE: &str = "segward_device";
+/// Program names in the object file: XDP ingress on device-facing interfaces (traffic from
+/// devices) and tc egress on the same interfaces (traffic towards devices).
+pub const PROG_FROM_DEVICE: &str = "segward_from_device";
+pub const PROG_TO_DEVICE: &str = "segward_to_device";
 
 /// Mapped-IPv4 prefix length: an IPv4 /n is an IPv6 /(96 + n).
 pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
@@ -42,13 +49,61 @@ pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
 
 /// Global settings, the single entry of the `CONFIG` array.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// The live generation slot (0 or 1).
     pub generation: u8,
     /// [`CONFIG_AUDIT`] and friends.
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// Idle timeouts of tracked flows, seconds: TCP and SCTP, UDP, everything else.
+    pub timeout_tcp: u32,
+    pub timeout_udp: u32,
+    pub timeout_other: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            generation: 0,
+            flags: 0,
+            _pad: [0; 2],
+            timeout_tcp: Self::DEFAULT_TIMEOUT_TCP,
+            timeout_udp: Self::DEFAULT_TIMEOUT_UDP,
+            timeout_other: Self::DEFAULT_TIMEOUT_OTHER,
+        }
+    }
+}
+
+impl Config {
+    pub const DEFAULT_TIMEOUT_TCP: u32 = 3600;
+    pub const DEFAULT_TIMEOUT_UDP: u32 = 120;
+    pub const DEFAULT_TIMEOUT_OTHER: u32 = 30;
+}
+
+/// A flow as the packets of one direction carry it. Conntrack entries are keyed by the
+/// *reply* direction of an allowed flow, so a reply finds its entry with its own tuple.
+/// ICMP echo carries its identifier in both ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A tracked flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowEntry {
+    /// `bpf_ktime_get_ns` of the last packet that refreshed it.
+    pub last_seen_ns: u64,
+    /// The device the flow belongs to (for quarantine cuts).
+    pub device: u32,
+    pub _pad: u32,
 }
 
 /// Whole agent in audit mode: would-be drops pass and are counted.
@@ -165,7 +220,9 @@ pub const fn mask_port(port: u16, prefix: u8) -> u16 {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 4);
+    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowEntry>() == 16);
     assert!(core::mem::size_of::<AddrKey>() == 20);
     assert!(core::mem::size_of::<Endpoint>() == 20);
     assert!(core::mem::size_of::<ZoneIdentity>() == 4);
@@ -182,6 +239,8 @@ mod pod {
     // SAFETY: all are `#[repr(C)]`, `Copy`, and have explicit padding (checked above), so
     // every byte is initialised and any bit pattern is valid.
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for ZoneIdentity {}

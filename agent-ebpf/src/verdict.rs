@@ -1,14 +1,18 @@
 //! How a packet becomes a verdict (SPEC §2), written once for the kernel and the host.
 //!
-//! The XDP program parses a packet into a [`Flow`] (or an ARP sender) and calls
-//! [`judge_from_device`] / [`judge_arp`] with [`Tables`] backed by BPF maps; the agent calls
-//! the same functions with tables built from a compiled policy. Nothing here may panic, loop
+//! The kernel hooks parse a packet ([`crate::parse`]) and call [`judge_from_device`] (XDP
+//! ingress on device-facing interfaces) or [`judge_to_device`] (tc egress on them) with
+//! [`Tables`] backed by BPF maps; the agent calls the same functions with tables built from a
+//! compiled policy. Nothing here may panic, loop
 //! unboundedly or use more than a few hundred bytes of stack: it runs in the verifier's world.
 
-use crate::maps::{
-    mask_port, Addr, AddrKey, Config, Endpoint, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy,
-    ZoneIdentity, ADDR_KEY_HEADER_BITS, CONFIG_AUDIT, DIR_ALLOW, ENDPOINT_CHECK_MAC,
-    ENDPOINT_DEVICE, PROTO_ANY, SEGMENT_AUDIT,
+use crate::{
+    maps::{
+        mask_port, Addr, AddrKey, Config, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue,
+        SegmentKey, SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS, CONFIG_AUDIT, DIR_ACCEPT,
+        DIR_ALLOW, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, PROTO_ANY, SEGMENT_AUDIT,
+    },
+    parse::Parsed,
 };
 
 pub const PROTO_ICMP: u8 = 1;
@@ -28,6 +32,10 @@ pub trait Tables {
     fn zone(&self, prefix_len: u32, key: &AddrKey) -> Option<ZoneIdentity>;
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy>;
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
+    /// The tracked flow whose replies look like `key`.
+    fn tracked(&self, key: &FlowKey) -> Option<FlowEntry>;
+    /// Tracks (or refreshes) a flow whose replies will look like `key`.
+    fn track(&self, key: &FlowKey, entry: &FlowEntry);
 }
 
 /// The L3/L4 facts of an IP packet that the decision uses. Ports are host order; for
@@ -65,10 +73,12 @@ pub enum Reason {
     NonIp = 6,
     /// A non-first IPv4 fragment (or an IPv6 fragment) of an untracked flow.
     Fragment = 7,
+    /// A packet of a tracked flow, in either direction.
+    Reply = 8,
 }
 
 /// Number of [`Reason`]s; counters are indexed `reason + REASON_COUNT * audited`.
-pub const REASON_COUNT: u32 = 8;
+pub const REASON_COUNT: u32 = 9;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -80,11 +90,12 @@ impl Reason {
         Reason::Malformed,
         Reason::NonIp,
         Reason::Fragment,
+        Reason::Reply,
     ];
 
     #[inline(always)]
     pub const fn passes(self) -> bool {
-        matches!(self, Reason::Allowed | Reason::Essential)
+        matches!(self, Reason::Allowed | Reason::Essential | Reason::Reply)
     }
 
     pub const fn name(self) -> &'static str {
@@ -97,6 +108,7 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::NonIp => "non_ip",
             Reason::Fragment => "fragment",
+            Reason::Reply => "reply",
         }
     }
 }
@@ -148,7 +160,7 @@ pub fn drop_reason(config: &Config, reason: Reason) -> Decision {
 /// ARP from a device: passes unless its sender IP is bound to a device whose MAC is pinned
 /// and differs from the sender MAC (SPEC §2 rule 1).
 #[inline(always)]
-pub fn judge_arp<T: Tables>(
+fn judge_arp<T: Tables>(
     tables: &T,
     config: &Config,
     sender_ip: &Addr,
@@ -164,10 +176,21 @@ pub fn judge_arp<T: Tables>(
     }
 }
 
-/// A new IP packet from a device-facing interface (SPEC §2 rules 2, 5, 6).
+/// A frame from a device (XDP ingress on a device-facing interface): SPEC §2 rules 1-6.
 #[inline(always)]
-pub fn judge_from_device<T: Tables>(tables: &T, config: &Config, flow: &Flow) -> Decision {
-    let generation = config.generation & 1;
+pub fn judge_from_device<T: Tables>(
+    tables: &T,
+    config: &Config,
+    packet: &Parsed,
+    now_ns: u64,
+) -> Decision {
+    let flow = match packet {
+        Parsed::Arp {
+            sender_ip,
+            sender_mac,
+        } => return judge_arp(tables, config, sender_ip, sender_mac),
+        Parsed::Ip(flow) => flow,
+    };
     let source = match tables.endpoint(&addr_key(config, &flow.src)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
         _ if is_essential(flow) => return Decision::new(Reason::Essential),
@@ -183,14 +206,13 @@ pub fn judge_from_device<T: Tables>(tables: &T, config: &Config, flow: &Flow) ->
     if is_essential(flow) {
         return decided(Decision::new(Reason::Essential));
     }
-    let Some(segment) = tables.segment(&SegmentKey {
-        generation,
-        _pad: 0,
-        segment: source.segment,
-    }) else {
+    if is_tracked(tables, config, flow, now_ns) {
+        return decided(Decision::new(Reason::Reply));
+    }
+    let generation = config.generation & 1;
+    let Some(segment) = tables.segment(&segment_key(generation, source.segment)) else {
         return decided(drop_reason(config, Reason::DefaultDeny));
     };
-    let identity = destination_identity(tables, config, &flow.dst);
     let key = PolicyKey {
         generation,
         direction: DIR_ALLOW,
@@ -198,18 +220,172 @@ pub fn judge_from_device<T: Tables>(tables: &T, config: &Config, flow: &Flow) ->
         port_prefix: 0,
         segment: source.segment,
         port: 0,
-        identity,
+        identity: address_identity(tables, config, &flow.dst),
     };
-    match lookup_policy(tables, key, flow.dport, segment.allow_port_prefixes) {
-        Some(rule) => decided(Decision {
+    let decision = judge_new_flow(tables, config, key, flow.dport, &segment);
+    if decision.passes() {
+        track_replies(tables, flow, source.device, now_ns);
+    }
+    decided(decision)
+}
+
+/// A frame towards a device (tc egress on a device-facing interface). Frames that came in
+/// on a device-facing interface were judged there (`from_device_iface`); the rest come from
+/// the uplink or the gateway itself: replies of tracked flows, `accept` rules, and what the
+/// gateway must send for devices to get on the network.
+#[inline(always)]
+pub fn judge_to_device<T: Tables>(
+    tables: &T,
+    config: &Config,
+    packet: &Parsed,
+    from_device_iface: bool,
+    now_ns: u64,
+) -> Decision {
+    let flow = match packet {
+        // The gateway's own ARP; devices' ARP was judged on ingress.
+        Parsed::Arp { .. } => return Decision::new(Reason::Essential),
+        Parsed::Ip(flow) => flow,
+    };
+    let destination = match tables.endpoint(&addr_key(config, &flow.dst)) {
+        Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
+        _ if is_essential_reply(flow) => return Decision::new(Reason::Essential),
+        _ => return drop_reason(config, Reason::DefaultDeny),
+    };
+    let decided = |mut d: Decision| {
+        d.device = destination.device;
+        d
+    };
+    if from_device_iface {
+        return decided(Decision::new(Reason::Allowed));
+    }
+    if is_essential_reply(flow) {
+        return decided(Decision::new(Reason::Essential));
+    }
+    if is_tracked(tables, config, flow, now_ns) {
+        return decided(Decision::new(Reason::Reply));
+    }
+    let generation = config.generation & 1;
+    let Some(segment) = tables.segment(&segment_key(generation, destination.segment)) else {
+        return decided(drop_reason(config, Reason::DefaultDeny));
+    };
+    let key = PolicyKey {
+        generation,
+        direction: DIR_ACCEPT,
+        protocol: flow.protocol,
+        port_prefix: 0,
+        segment: destination.segment,
+        port: 0,
+        identity: address_identity(tables, config, &flow.src),
+    };
+    let decision = judge_new_flow(tables, config, key, flow.dport, &segment);
+    if decision.passes() {
+        track_replies(tables, flow, destination.device, now_ns);
+    }
+    decided(decision)
+}
+
+/// A new flow against the segment's policy entries (`key` has everything but the port).
+#[inline(always)]
+fn judge_new_flow<T: Tables>(
+    tables: &T,
+    config: &Config,
+    key: PolicyKey,
+    port: u16,
+    segment: &SegmentPolicy,
+) -> Decision {
+    let prefixes = if key.direction == DIR_ALLOW {
+        segment.allow_port_prefixes
+    } else {
+        segment.accept_port_prefixes
+    };
+    match lookup_policy(tables, key, port, prefixes) {
+        Some(rule) => Decision {
             rule,
             ..Decision::new(Reason::Allowed)
-        }),
+        },
         None => {
             let mut d = drop_reason(config, Reason::DefaultDeny);
             d.audited |= segment.flags & SEGMENT_AUDIT != 0;
-            decided(d)
+            d
         }
+    }
+}
+
+/// Is `flow` a reply of a tracked flow that has not been idle past its timeout?
+#[inline(always)]
+fn is_tracked<T: Tables>(tables: &T, config: &Config, flow: &Flow, now_ns: u64) -> bool {
+    let key = flow_key(flow);
+    match tables.tracked(&key) {
+        Some(entry) => {
+            let idle = now_ns.saturating_sub(entry.last_seen_ns);
+            if idle >= timeout_ns(config, flow.protocol) {
+                return false;
+            }
+            // Refresh at most once a second: a map write per packet is not free.
+            if idle > 1_000_000_000 {
+                tables.track(
+                    &key,
+                    &FlowEntry {
+                        last_seen_ns: now_ns,
+                        ..entry
+                    },
+                );
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Remembers an allowed flow so that its replies pass.
+#[inline(always)]
+fn track_replies<T: Tables>(tables: &T, flow: &Flow, device: u32, now_ns: u64) {
+    let reply = FlowKey {
+        src: flow.dst,
+        dst: flow.src,
+        sport: flow.dport,
+        dport: flow.sport,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    };
+    tables.track(
+        &reply,
+        &FlowEntry {
+            last_seen_ns: now_ns,
+            device,
+            _pad: 0,
+        },
+    );
+}
+
+#[inline(always)]
+fn flow_key(flow: &Flow) -> FlowKey {
+    FlowKey {
+        src: flow.src,
+        dst: flow.dst,
+        sport: flow.sport,
+        dport: flow.dport,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn timeout_ns(config: &Config, protocol: u8) -> u64 {
+    let seconds = match protocol {
+        PROTO_TCP | PROTO_SCTP => config.timeout_tcp,
+        PROTO_UDP => config.timeout_udp,
+        _ => config.timeout_other,
+    };
+    seconds as u64 * 1_000_000_000
+}
+
+#[inline(always)]
+fn segment_key(generation: u8, segment: u16) -> SegmentKey {
+    SegmentKey {
+        generation,
+        _pad: 0,
+        segment,
     }
 }
 
@@ -246,16 +422,27 @@ pub fn is_essential(flow: &Flow) -> bool {
     }
 }
 
+/// What the gateway sends so that devices can get on the network: DHCP/DHCPv6 server
+/// replies and IPv6 router advertisements and neighbour solicitation/advertisement.
+#[inline(always)]
+pub fn is_essential_reply(flow: &Flow) -> bool {
+    match flow.protocol {
+        PROTO_UDP => matches!((flow.sport, flow.dport), (67, 68) | (547, 546)),
+        PROTO_ICMPV6 => matches!(flow.icmp_type, 134 | 135 | 136),
+        _ => false,
+    }
+}
+
 #[inline(always)]
 pub const fn has_ports(protocol: u8) -> bool {
     matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
 }
 
-/// Which policy targets `dst` belongs to: an endpoint's own identity, else the identity
+/// Which policy targets `addr` belongs to: an endpoint's own identity, else the identity
 /// of the longest zone prefix containing it, else the world.
 #[inline(always)]
-pub fn destination_identity<T: Tables>(tables: &T, config: &Config, dst: &Addr) -> u32 {
-    let key = addr_key(config, dst);
+pub fn address_identity<T: Tables>(tables: &T, config: &Config, addr: &Addr) -> u32 {
+    let key = addr_key(config, addr);
     if let Some(e) = tables.endpoint(&key) {
         return e.identity;
     }

@@ -4,14 +4,14 @@
 use agent_ebpf::{
     maps::{
         AddrKey, Config, Endpoint, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity,
-        CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_POLICY, MAP_SEGMENTS, MAP_ZONES,
-        PROG_XDP_DEVICE,
+        CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_POLICY,
+        MAP_SEGMENTS, MAP_ZONES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, REASON_COUNT},
 };
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
     Ebpf, EbpfError, Pod,
 };
 
@@ -49,14 +49,19 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the program into the kernel (the verifier runs here).
+    /// Loads the programs into the kernel (the verifier runs here).
     pub fn load() -> Result<Self, DatapathError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROG_XDP_DEVICE)
-            .ok_or(DatapathError::Missing(PROG_XDP_DEVICE))?
+        let from_device: &mut Xdp = ebpf
+            .program_mut(PROG_FROM_DEVICE)
+            .ok_or(DatapathError::Missing(PROG_FROM_DEVICE))?
             .try_into()?;
-        program.load()?;
+        from_device.load()?;
+        let to_device: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TO_DEVICE)
+            .ok_or(DatapathError::Missing(PROG_TO_DEVICE))?
+            .try_into()?;
+        to_device.load()?;
         Ok(Datapath {
             ebpf,
             config: Config::default(),
@@ -64,25 +69,47 @@ impl Datapath {
         })
     }
 
-    /// Attaches to a device-facing interface of `netns`.
+    /// Attaches to a device-facing interface of `netns`: XDP ingress judges what devices
+    /// send, tc egress what is sent to them.
     pub fn attach_device_iface(&mut self, netns: &Netns, iface: &str) -> Result<(), DatapathError> {
-        let program: &mut Xdp = self
+        let attach_err = |source| DatapathError::Attach {
+            iface: iface.into(),
+            source,
+        };
+        let ifindex = netns
+            .run(|| nix::net::if_::if_nametoindex(iface))?
+            .map_err(|e| {
+                attach_err(ProgramError::UnknownInterface {
+                    name: format!("{iface} ({e})"),
+                })
+            })?;
+        let mut ifaces: HashMap<&mut MapData, u32, u32> = self.hash(MAP_DEVICE_IFACES)?;
+        ifaces
+            .insert(ifindex, 1, 0)
+            .map_err(map_err(MAP_DEVICE_IFACES))?;
+
+        let from_device: &mut Xdp = self
             .ebpf
-            .program_mut(PROG_XDP_DEVICE)
-            .ok_or(DatapathError::Missing(PROG_XDP_DEVICE))?
+            .program_mut(PROG_FROM_DEVICE)
+            .ok_or(DatapathError::Missing(PROG_FROM_DEVICE))?
             .try_into()?;
         netns
             .run(|| {
                 // Native mode where the driver has it (veth does), else generic.
-                program
-                    .attach(iface, XdpMode::Driver)
-                    .or_else(|_| program.attach(iface, XdpMode::Skb))
+                from_device
+                    .attach_to_if_index(ifindex, XdpMode::Driver)
+                    .or_else(|_| from_device.attach_to_if_index(ifindex, XdpMode::Skb))
                     .map(drop)
             })?
-            .map_err(|source| DatapathError::Attach {
-                iface: iface.into(),
-                source,
-            })
+            .map_err(attach_err)?;
+        let to_device: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_TO_DEVICE)
+            .ok_or(DatapathError::Missing(PROG_TO_DEVICE))?
+            .try_into()?;
+        netns
+            .run(|| to_device.attach(iface, TcAttachType::Egress).map(drop))?
+            .map_err(attach_err)
     }
 
     /// Whole-agent audit mode (SPEC §2.6).

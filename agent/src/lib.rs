@@ -3,6 +3,7 @@
 //! The data flows through the modules in order: [`policy`] (YAML → model → compiled map
 //! entries) → [`datapath`] (maps and programs in the kernel) ← [`daemon`] (runs it all).
 
+pub mod commands;
 pub mod daemon;
 pub mod datapath;
 pub mod netns;

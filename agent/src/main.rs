@@ -2,8 +2,9 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use segward::{
+    commands,
     daemon::{self, RunOptions},
-    policy::load::{load_dir, LoadError},
+    policy::load::LoadError,
 };
 
 /// Zero-trust micro-segmentation for Linux IoT gateways.
@@ -31,13 +32,12 @@ enum Command {
         #[arg(long)]
         netns: Option<String>,
     },
-    /// Validate a policy directory.
-    Check {
-        dir: PathBuf,
-        /// Make warnings fail.
-        #[arg(long)]
-        strict: bool,
-    },
+    /// Validate and lint a policy directory.
+    Check(commands::check::CheckArgs),
+    /// The offline verdict for one new flow, and the rule that decides it.
+    Explain(commands::explain::ExplainArgs),
+    /// Which (source, destination, port) pairs gain or lose access between two policies.
+    Diff(commands::diff::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,18 +82,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { dir, strict: _ } => match load_dir(&dir) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(LoadError::Invalid(diagnostics)) => {
-                for d in diagnostics {
-                    println!("{d}");
-                }
-                ExitCode::from(1)
-            }
-            Err(e) => {
-                eprintln!("segward: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Command::Check(args) => commands::check::run(args),
+        Command::Explain(args) => commands::explain::run(args),
+        Command::Diff(args) => commands::diff::run(args),
     }
 }

@@ -7,5 +7,6 @@
 #[path = "../lab/mod.rs"]
 mod lab;
 
+mod conntrack;
 mod enforcement;
 mod lab_selftest;

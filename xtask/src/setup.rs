@@ -52,9 +52,7 @@ pub fn setup() -> Result<()> {
         ]))?;
     }
 
-    let mut packages: Vec<String> = ["iproute2", "iputils-ping", "libzstd-dev"]
-        .map(String::from)
-        .to_vec();
+    let mut packages: Vec<String> = ["iproute2", "libzstd-dev"].map(String::from).to_vec();
     packages.extend([format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")]);
     let missing: Vec<&String> = packages.iter().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {

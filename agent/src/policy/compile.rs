@@ -15,10 +15,10 @@ use std::{
 
 use agent_ebpf::{
     maps::{
-        mask_port, Addr, AddrKey, Endpoint, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy,
-        ZoneIdentity, ADDR_KEY_HEADER_BITS, DIR_ACCEPT, DIR_ALLOW, ENDPOINT_CHECK_MAC,
-        ENDPOINT_DEVICE, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_ZONE_PREFIXES,
-        SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
+        mask_port, Addr, AddrKey, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey,
+        SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS, DIR_ACCEPT, DIR_ALLOW,
+        ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
+        MAX_ZONE_PREFIXES, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
     },
     verdict::{Tables, IDENTITY_WORLD},
 };
@@ -442,6 +442,13 @@ impl Tables for CompiledPolicy {
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue> {
         self.policy.get(key).copied()
     }
+
+    /// A compiled policy alone has no flow table: every flow judged against it is new.
+    fn tracked(&self, _key: &FlowKey) -> Option<FlowEntry> {
+        None
+    }
+
+    fn track(&self, _key: &FlowKey, _entry: &FlowEntry) {}
 }
 
 #[cfg(test)]

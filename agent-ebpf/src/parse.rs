@@ -1,0 +1,234 @@
+//! How bytes become a [`Parsed`] packet: Ethernet (one 802.1Q/802.1ad tag), ARP, IPv4,
+//! IPv6 with a bounded walk over extension headers, and the L4 ports or ICMP type. Shared by
+//! the kernel hooks and the host (tests, benchmarks), so both read packets the same way.
+//!
+//! Every access compares pointer + size with the end, as the verifier demands.
+
+use core::marker::PhantomData;
+
+use crate::{
+    maps::{v4_mapped, Addr},
+    verdict::{Flow, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// IPv6 extension headers walked before giving up (`malformed`).
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// What a frame is, as far as the decision cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Ethernet/IPv4 ARP with its sender addresses.
+    Arp {
+        sender_ip: Addr,
+        sender_mac: [u8; 6],
+    },
+    Ip(Flow),
+}
+
+/// Parses a frame; `Err` is the drop reason (malformed, non-IP, fragment).
+#[inline(always)]
+pub fn parse(packet: &Packet) -> Result<Parsed, Reason> {
+    let eth: [u8; ETH_HLEN] = packet.read(0)?;
+    let src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
+    let mut offset = ETH_HLEN;
+    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let tag: [u8; 4] = packet.read(offset)?;
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_ARP => parse_arp(packet, offset),
+        ETH_P_IP => parse_ipv4(packet, offset, src_mac).map(Parsed::Ip),
+        ETH_P_IPV6 => parse_ipv6(packet, offset, src_mac).map(Parsed::Ip),
+        _ => Err(Reason::NonIp),
+    }
+}
+
+#[inline(always)]
+fn parse_arp(packet: &Packet, offset: usize) -> Result<Parsed, Reason> {
+    let arp: [u8; 28] = packet.read(offset)?;
+    // htype 1 (Ethernet), ptype IPv4, hlen 6, plen 4.
+    if arp[0..6] != [0, 1, 0x08, 0x00, 6, 4] {
+        return Err(Reason::Malformed);
+    }
+    Ok(Parsed::Arp {
+        sender_mac: [arp[8], arp[9], arp[10], arp[11], arp[12], arp[13]],
+        sender_ip: v4_mapped([arp[14], arp[15], arp[16], arp[17]]),
+    })
+}
+
+#[inline(always)]
+fn parse_ipv4(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, Reason> {
+    let ip: [u8; 20] = packet.read(offset)?;
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    if ip[0] >> 4 != 4 || header_len < 20 {
+        return Err(Reason::Malformed);
+    }
+    // The whole header, options included, must be there.
+    packet.check(offset, header_len)?;
+    if (u16::from_be_bytes([ip[2], ip[3]]) as usize) < header_len {
+        return Err(Reason::Malformed);
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        // No L4 header to judge; tracked flows' fragments come with conntrack.
+        return Err(Reason::Fragment);
+    }
+    let mut flow = Flow {
+        src: v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
+        dst: v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
+        src_mac,
+        protocol: ip[9],
+        icmp_type: 0,
+        sport: 0,
+        dport: 0,
+    };
+    parse_l4(packet, offset + header_len, &mut flow)?;
+    Ok(flow)
+}
+
+#[inline(always)]
+fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, Reason> {
+    let ip: [u8; 40] = packet.read(offset)?;
+    if ip[0] >> 4 != 6 {
+        return Err(Reason::Malformed);
+    }
+    let mut next_header = ip[6];
+    let mut l4 = offset + 40;
+    let mut walked = 0;
+    loop {
+        let header_len = match next_header {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+            0 | 43 | 60 => {
+                let ext: [u8; 2] = packet.read(l4)?;
+                next_header = ext[0];
+                (ext[1] as usize + 1) * 8
+            }
+            // Authentication header: length in 4-octet units, minus two.
+            51 => {
+                let ext: [u8; 2] = packet.read(l4)?;
+                next_header = ext[0];
+                (ext[1] as usize + 2) * 4
+            }
+            44 => {
+                let frag: [u8; 4] = packet.read(l4)?;
+                if u16::from_be_bytes([frag[2], frag[3]]) & 0xfff8 != 0 {
+                    return Err(Reason::Fragment);
+                }
+                next_header = frag[0];
+                8
+            }
+            _ => break,
+        };
+        l4 += header_len;
+        walked += 1;
+        if walked >= MAX_IPV6_EXT_HEADERS {
+            return Err(Reason::Malformed);
+        }
+    }
+    let mut src: Addr = [0; 16];
+    let mut dst: Addr = [0; 16];
+    src.copy_from_slice(&ip[8..24]);
+    dst.copy_from_slice(&ip[24..40]);
+    let mut flow = Flow {
+        src,
+        dst,
+        src_mac,
+        protocol: next_header,
+        icmp_type: 0,
+        sport: 0,
+        dport: 0,
+    };
+    parse_l4(packet, l4, &mut flow)?;
+    Ok(flow)
+}
+
+/// Ports or ICMP type; a header too short for its protocol is malformed.
+#[inline(always)]
+fn parse_l4(packet: &Packet, offset: usize, flow: &mut Flow) -> Result<(), Reason> {
+    let min_len = match flow.protocol {
+        PROTO_TCP => 20,
+        PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => 8,
+        PROTO_SCTP => 12,
+        _ => return Ok(()),
+    };
+    packet.check(offset, min_len)?;
+    let head: [u8; 4] = packet.read(offset)?;
+    if matches!(flow.protocol, PROTO_ICMP | PROTO_ICMPV6) {
+        flow.icmp_type = head[0];
+        if is_echo(flow.protocol, head[0]) {
+            // The echo identifier pairs requests with replies, like a port pair.
+            let id: [u8; 6] = packet.read(offset + 2)?;
+            flow.sport = u16::from_be_bytes([id[2], id[3]]);
+            flow.dport = flow.sport;
+        }
+    } else {
+        flow.sport = u16::from_be_bytes([head[0], head[1]]);
+        flow.dport = u16::from_be_bytes([head[2], head[3]]);
+    }
+    Ok(())
+}
+
+/// ICMP echo request/reply, ICMPv6 echo request/reply.
+#[inline(always)]
+pub const fn is_echo(protocol: u8, icmp_type: u8) -> bool {
+    matches!(
+        (protocol, icmp_type),
+        (PROTO_ICMP, 0 | 8) | (PROTO_ICMPV6, 128 | 129)
+    )
+}
+
+/// Bounds-checked reads of packet data. Offsets are kept below 64 KiB.
+pub struct Packet<'a> {
+    start: usize,
+    end: usize,
+    _bytes: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Packet<'a> {
+    /// # Safety
+    /// `start..end` must be readable memory for as long as the `Packet` lives (the packet
+    /// data of an XDP or tc context).
+    #[inline(always)]
+    pub unsafe fn from_raw(start: usize, end: usize) -> Self {
+        Packet {
+            start,
+            end,
+            _bytes: PhantomData,
+        }
+    }
+
+    /// A packet over bytes in memory (host tests and benchmarks).
+    pub fn from_slice(bytes: &'a [u8]) -> Self {
+        let start = bytes.as_ptr() as usize;
+        Packet {
+            start,
+            end: start + bytes.len(),
+            _bytes: PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    pub fn check(&self, offset: usize, len: usize) -> Result<(), Reason> {
+        if offset > 0xffff || self.start + offset + len > self.end {
+            return Err(Reason::Malformed);
+        }
+        Ok(())
+    }
+
+    /// Reads `N` bytes at `offset`. At least two: LLVM turns a one-byte check `p + 1 > end`
+    /// into `p >= end`, from which the verifier grants no range at a variable offset.
+    #[inline(always)]
+    pub fn read<const N: usize>(&self, offset: usize) -> Result<[u8; N], Reason> {
+        const { assert!(N >= 2) };
+        self.check(offset, N)?;
+        // SAFETY: in bounds (checked above); packet data has no alignment guarantee.
+        Ok(unsafe { core::ptr::read_unaligned((self.start + offset) as *const [u8; N]) })
+    }
+}
