@@ -20,6 +20,17 @@ pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_DEVICE_IFACES: &str = "DEVICE_IFACES";
+/// Every map, for pinning.
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_CONFIG,
+    MAP_ENDPOINTS,
+    MAP_ZONES,
+    MAP_SEGMENTS,
+    MAP_POLICY,
+    MAP_COUNTERS,
+    MAP_CONNTRACK,
+    MAP_DEVICE_IFACES,
+];
 
 /// Capacities per generation; the maps hold two generations.
 pub const MAX_ENDPOINTS: u32 = 131_072;

@@ -428,7 +428,7 @@ pub fn is_essential(flow: &Flow) -> bool {
 pub fn is_essential_reply(flow: &Flow) -> bool {
     match flow.protocol {
         PROTO_UDP => matches!((flow.sport, flow.dport), (67, 68) | (547, 546)),
-        PROTO_ICMPV6 => matches!(flow.icmp_type, 134 | 135 | 136),
+        PROTO_ICMPV6 => matches!(flow.icmp_type, 134..=136),
         _ => false,
     }
 }

@@ -7,7 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 use crate::{
-    datapath::Datapath,
+    datapath::{pin_dir, uninstall, Datapath},
     netns::Netns,
     policy::{compile::compile, load::load_dir},
 };
@@ -18,6 +18,13 @@ pub struct RunOptions {
     pub device_ifaces: Vec<String>,
     pub audit: bool,
     pub netns: Option<String>,
+    /// Remove programs, links and maps on exit instead of leaving them enforcing.
+    pub detach_on_exit: bool,
+}
+
+/// The name of a gateway's pinned state: its network namespace, or `host`.
+pub fn instance_name(netns: Option<&str>) -> &str {
+    netns.unwrap_or("host")
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -30,11 +37,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let compiled = compile(&policy, &gateway).context("compiling the policy")?;
     let (segments, devices) = (compiled.segment_names.len(), compiled.device_ids.len());
 
-    let mut datapath = Datapath::load()?;
+    let pins = pin_dir(instance_name(opts.netns.as_deref()));
+    let mut datapath = Datapath::load_pinned(&pins)?;
     datapath.set_audit(opts.audit)?;
     datapath.install(compiled)?;
     for iface in &opts.device_ifaces {
         datapath.attach_device_iface(&netns, iface)?;
+    }
+    for link in datapath.detach_other_ifaces(&opts.device_ifaces)? {
+        info!(
+            link,
+            "detached from an interface that is no longer configured"
+        );
     }
     info!(
         policy = %opts.policy_dir.display(),
@@ -43,6 +57,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         interfaces = ?opts.device_ifaces,
         netns = opts.netns.as_deref().unwrap_or("-"),
         mode = if opts.audit { "audit" } else { "enforce" },
+        pins = %pins.display(),
         "enforcing"
     );
 
@@ -61,6 +76,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             );
         }
     }
-    info!("stopping: detaching from the interfaces");
+    if opts.detach_on_exit {
+        drop(datapath);
+        uninstall(&pins)?;
+        info!("stopped; programs detached and pins removed");
+    } else {
+        info!("stopped; the pinned programs go on enforcing (`segward uninstall` removes them)");
+    }
     Ok(())
 }

@@ -1,18 +1,33 @@
-//! The kernel half, from the agent's side: load the embedded XDP program, attach it, and
-//! install compiled policies into its maps one whole generation at a time.
+//! The kernel half, from the agent's side: load the embedded programs, attach them, and
+//! install compiled policies into their maps one whole generation at a time.
+//!
+//! Fail closed, stay attached: a daemon's maps and links are pinned under
+//! `/sys/fs/bpf/segward/<instance>/`, so enforcement and tracked flows go on while the daemon
+//! is stopped or dead, and a restarted daemon adopts them: it reuses the pinned maps and
+//! swaps its programs into the pinned links in place (`bpf_link_update`), so there is never a
+//! moment without a program and never a second attachment.
 
 use agent_ebpf::{
     maps::{
         AddrKey, Config, Endpoint, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity,
-        CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_POLICY,
-        MAP_SEGMENTS, MAP_ZONES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        ALL_MAPS, CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS,
+        MAP_POLICY, MAP_SEGMENTS, MAP_ZONES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, REASON_COUNT},
 };
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
-    Ebpf, EbpfError, Pod,
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfError, EbpfLoader, Pod,
 };
 
 use crate::{
@@ -37,6 +52,176 @@ pub enum DatapathError {
     Map { map: &'static str, source: MapError },
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("BPF_PROG_TEST_RUN: {0}")]
+    TestRun(std::io::Error),
+    #[error("pinning under {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+    #[error("mounting bpffs on {BPFFS}: {0}")]
+    Mount(nix::Error),
+}
+
+/// Where the BPF filesystem lives.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The pin directory of one gateway instance: the named netns it works on, or `host`.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(BPFFS).join("segward").join(instance)
+}
+
+/// Removes a pinned instance: its links detach and its maps are freed once no process
+/// holds them (so stop the daemon first). Missing is fine.
+pub fn uninstall(dir: &Path) -> Result<bool, DatapathError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DatapathError::Pin {
+            path: dir.into(),
+            source,
+        }),
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless it is there already.
+fn ensure_bpffs() -> Result<(), DatapathError> {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().take(3).collect();
+        f.get(1) == Some(&BPFFS) && f.get(2) == Some(&"bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(DatapathError::Mount)
+}
+
+/// Which program a [`TestRun`] exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP ingress on a device-facing interface.
+    FromDevice,
+    /// tc egress on a device-facing interface; the frame came in on `ingress_ifindex` (0:
+    /// sent by the gateway itself).
+    ToDevice { ingress_ifindex: u32 },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TestRun<'a> {
+    pub hook: Hook,
+    pub frame: &'a [u8],
+    pub repeat: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRunResult {
+    /// The program's return value (XDP action or tc action).
+    pub action: u32,
+    /// Mean time per run, as the kernel measured it.
+    pub duration_ns: u32,
+}
+
+impl TestRunResult {
+    /// Whether the verdict lets the frame through (XDP_PASS or TC_ACT_OK).
+    pub fn passes(&self, hook: Hook) -> bool {
+        match hook {
+            Hook::FromDevice => self.action == 2,
+            Hook::ToDevice { .. } => self.action == 0,
+        }
+    }
+}
+
+/// A `struct __sk_buff` with only `ingress_ifindex` set (the kernel accepts that field).
+fn skb_context(ingress_ifindex: u32) -> Vec<u8> {
+    // struct __sk_buff is 192 bytes; ingress_ifindex is its 10th u32 (offset 36).
+    let mut ctx = vec![0u8; 192];
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
+}
+
+/// The BPF_PROG_TEST_RUN command, which aya does not wrap.
+mod test_run {
+    use std::{
+        io,
+        os::fd::{AsRawFd, BorrowedFd},
+    };
+
+    use super::TestRunResult;
+
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+    /// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+
+    pub fn run(
+        prog: BorrowedFd<'_>,
+        frame: &[u8],
+        ctx: &[u8],
+        repeat: u32,
+    ) -> io::Result<TestRunResult> {
+        // The program may grow the frame (it does not today); leave room for that.
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = TestAttr {
+            prog_fd: prog.as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: if ctx.is_empty() {
+                0
+            } else {
+                ctx.as_ptr() as u64
+            },
+            ..TestAttr::default()
+        };
+        // SAFETY: attr points at valid buffers of the sizes given, for the whole call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestAttr,
+                std::mem::size_of::<TestAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(TestRunResult {
+            action: attr.retval,
+            duration_ns: attr.duration,
+        })
+    }
 }
 
 /// Per-reason packet counts, summed over CPUs: `[reason] = (enforced, audited)`.
@@ -46,12 +231,41 @@ pub struct Datapath {
     ebpf: Ebpf,
     config: Config,
     live: Option<CompiledPolicy>,
+    /// The pin directory, for a daemon's datapath; none for a throw-away one (tests).
+    pins: Option<PathBuf>,
 }
 
 impl Datapath {
-    /// Loads the programs into the kernel (the verifier runs here).
+    /// Loads the programs with maps of their own, gone when this value is dropped.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        Self::load_with(&mut EbpfLoader::new(), None)
+    }
+
+    /// Loads the programs with their maps pinned in `dir`, reusing maps pinned there by an
+    /// earlier daemon (with their policy, tracked flows and counters).
+    pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        ensure_bpffs()?;
+        for sub in ["maps", "links"] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(|source| DatapathError::Pin { path, source })?;
+        }
+        let map_paths: Vec<(&str, PathBuf)> = ALL_MAPS
+            .iter()
+            .map(|&name| (name, dir.join("maps").join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        Self::load_with(&mut loader, Some(dir.to_path_buf()))
+    }
+
+    /// Loads the programs into the kernel (the verifier runs here).
+    fn load_with(
+        loader: &mut EbpfLoader<'_>,
+        pins: Option<PathBuf>,
+    ) -> Result<Self, DatapathError> {
+        let mut ebpf = loader.load(OBJECT)?;
         let from_device: &mut Xdp = ebpf
             .program_mut(PROG_FROM_DEVICE)
             .ok_or(DatapathError::Missing(PROG_FROM_DEVICE))?
@@ -62,11 +276,27 @@ impl Datapath {
             .ok_or(DatapathError::Missing(PROG_TO_DEVICE))?
             .try_into()?;
         to_device.load()?;
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             config: Config::default(),
             live: None,
-        })
+            pins,
+        };
+        // An adopted CONFIG says which generation is live; a new one is all zeroes.
+        let adopted = datapath.read_config()?;
+        if adopted.timeout_tcp != 0 {
+            datapath.config = adopted;
+        }
+        Ok(datapath)
+    }
+
+    fn read_config(&self) -> Result<Config, DatapathError> {
+        let map = self
+            .ebpf
+            .map(MAP_CONFIG)
+            .ok_or(DatapathError::Missing(MAP_CONFIG))?;
+        let config: Array<&MapData, Config> = Array::try_from(map).map_err(map_err(MAP_CONFIG))?;
+        config.get(&0, 0).map_err(map_err(MAP_CONFIG))
     }
 
     /// Attaches to a device-facing interface of `netns`: XDP ingress judges what devices
@@ -88,28 +318,79 @@ impl Datapath {
             .insert(ifindex, 1, 0)
             .map_err(map_err(MAP_DEVICE_IFACES))?;
 
+        let pins = self.pins.as_ref().map(|dir| dir.join("links"));
+        let pin = |hook: &str| {
+            pins.as_ref()
+                .map(|dir| dir.join(link_pin_name(hook, iface)))
+        };
+        let (xdp_pin, tc_pin) = (pin("xdp"), pin("tc"));
+
         let from_device: &mut Xdp = self
             .ebpf
             .program_mut(PROG_FROM_DEVICE)
             .ok_or(DatapathError::Missing(PROG_FROM_DEVICE))?
             .try_into()?;
-        netns
-            .run(|| {
-                // Native mode where the driver has it (veth does), else generic.
-                from_device
-                    .attach_to_if_index(ifindex, XdpMode::Driver)
-                    .or_else(|_| from_device.attach_to_if_index(ifindex, XdpMode::Skb))
-                    .map(drop)
-            })?
-            .map_err(attach_err)?;
+        let adopted = adopt(xdp_pin.as_deref(), |link| {
+            Ok(from_device.attach_to_link(link.try_into()?)?)
+        })?;
+        if adopted.is_none() {
+            let id = netns
+                .run(|| {
+                    // Native mode where the driver has it (veth does), else generic.
+                    from_device
+                        .attach_to_if_index(ifindex, XdpMode::Driver)
+                        .or_else(|_| from_device.attach_to_if_index(ifindex, XdpMode::Skb))
+                })?
+                .map_err(attach_err)?;
+            if let Some(path) = &xdp_pin {
+                pin_link(from_device.take_link(id)?.try_into()?, path)?;
+            }
+        }
+
         let to_device: &mut SchedClassifier = self
             .ebpf
             .program_mut(PROG_TO_DEVICE)
             .ok_or(DatapathError::Missing(PROG_TO_DEVICE))?
             .try_into()?;
-        netns
-            .run(|| to_device.attach(iface, TcAttachType::Egress).map(drop))?
-            .map_err(attach_err)
+        let adopted = adopt(tc_pin.as_deref(), |link| {
+            Ok(to_device.attach_to_link(link.try_into()?)?)
+        })?;
+        if adopted.is_none() {
+            let id = netns
+                .run(|| to_device.attach(iface, TcAttachType::Egress))?
+                .map_err(attach_err)?;
+            if let Some(path) = &tc_pin {
+                pin_link(to_device.take_link(id)?.try_into()?, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches pinned links of interfaces that are no longer configured.
+    pub fn detach_other_ifaces(&mut self, keep: &[String]) -> Result<Vec<String>, DatapathError> {
+        let Some(dir) = self.pins.as_ref().map(|d| d.join("links")) else {
+            return Ok(Vec::new());
+        };
+        let entries = fs::read_dir(&dir).map_err(|source| DatapathError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut detached = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep
+                .iter()
+                .any(|iface| name.ends_with(&format!("-{}", pin_safe(iface))))
+            {
+                // Unpinning drops the last reference to the link: it detaches.
+                fs::remove_file(entry.path()).map_err(|source| DatapathError::Pin {
+                    path: entry.path(),
+                    source,
+                })?;
+                detached.push(name);
+            }
+        }
+        Ok(detached)
     }
 
     /// Whole-agent audit mode (SPEC §2.6).
@@ -123,17 +404,38 @@ impl Datapath {
     pub fn install(&mut self, policy: CompiledPolicy) -> Result<(), DatapathError> {
         let next = (self.config.generation ^ 1) & 1;
         if self.live.is_none() {
-            // First install after load: nothing may be left in the idle slot.
+            // First install after load: whatever an earlier daemon left in the idle slot
+            // (say, it died half-way through a reload) must go.
             self.clear_generation(next)?;
         }
         self.write_generation(&policy, next)?;
         let old = self.config.generation;
         self.config.generation = next;
         self.write_config()?;
-        if let Some(previous) = self.live.replace(policy) {
-            self.remove_generation(&previous, old)?;
+        match self.live.replace(policy) {
+            Some(previous) => self.remove_generation(&previous, old),
+            // An adopted generation: we do not know its entries, so sweep the slot.
+            None => self.clear_generation(old),
         }
-        Ok(())
+    }
+
+    /// Runs one of the programs on `frame` in the kernel (BPF_PROG_TEST_RUN), `repeat` times,
+    /// against the live maps. For the tc hook, `ingress_ifindex` is where the frame came in.
+    pub fn test_run(&self, run: TestRun<'_>) -> Result<TestRunResult, DatapathError> {
+        let (name, ctx) = match run.hook {
+            Hook::FromDevice => (PROG_FROM_DEVICE, Vec::new()),
+            Hook::ToDevice { ingress_ifindex } => (PROG_TO_DEVICE, skb_context(ingress_ifindex)),
+        };
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing(name))?;
+        let fd = match program {
+            aya::programs::Program::Xdp(p) => p.fd()?,
+            aya::programs::Program::SchedClassifier(p) => p.fd()?,
+            _ => return Err(DatapathError::Missing(name)),
+        };
+        test_run::run(fd.as_fd(), run.frame, &ctx, run.repeat).map_err(DatapathError::TestRun)
     }
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {
@@ -281,6 +583,54 @@ impl Datapath {
             .ok_or(DatapathError::Missing(MAP_ZONES))?;
         LpmTrie::try_from(map).map_err(map_err(MAP_ZONES))
     }
+}
+
+/// Swaps a program into the link pinned at `path`, if there is one that still works.
+/// `Ok(None)`: nothing to adopt (no pin, or a pin of a link whose interface is gone, which
+/// is removed).
+fn adopt<T>(
+    path: Option<&Path>,
+    attach: impl FnOnce(FdLink) -> Result<T, DatapathError>,
+) -> Result<Option<T>, DatapathError> {
+    let Some(path) = path.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let stale = |source| DatapathError::Pin {
+        path: path.into(),
+        source,
+    };
+    match PinnedLink::from_pin(path) {
+        Ok(pinned) => match attach(FdLink::from(pinned)) {
+            Ok(id) => Ok(Some(id)),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "pinned link not adoptable; attaching anew");
+                fs::remove_file(path).map_err(stale)?;
+                Ok(None)
+            }
+        },
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "unreadable pinned link; attaching anew");
+            fs::remove_file(path).map_err(stale)?;
+            Ok(None)
+        }
+    }
+}
+
+/// The pin of an interface's link: `<hook>-<iface>`. bpffs refuses `.` in names, which
+/// interface names may have (`eth0.100`), so `%` and `.` are percent-encoded.
+fn link_pin_name(hook: &str, iface: &str) -> String {
+    format!("{hook}-{}", pin_safe(iface))
+}
+
+fn pin_safe(name: &str) -> String {
+    name.replace('%', "%25").replace('.', "%2e")
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    link.pin(path).map(drop).map_err(|e| DatapathError::Pin {
+        path: path.into(),
+        source: std::io::Error::other(e),
+    })
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {

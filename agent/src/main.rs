@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use segward::{
     commands,
     daemon::{self, RunOptions},
+    datapath,
     policy::load::LoadError,
 };
 
@@ -31,6 +32,16 @@ enum Command {
         /// Work on the interfaces of this named network namespace (`ip netns`).
         #[arg(long)]
         netns: Option<String>,
+        /// Remove programs, links and maps on exit; by default they stay pinned and go on
+        /// enforcing until a restarted daemon adopts them.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Remove the pinned programs, links and maps of a stopped daemon.
+    Uninstall {
+        /// The network namespace the daemon worked on (`--netns` of `segward run`).
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Validate and lint a policy directory.
     Check(commands::check::CheckArgs),
@@ -48,6 +59,7 @@ fn main() -> ExitCode {
             device_ifaces,
             audit,
             netns,
+            detach_on_exit,
         } => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
@@ -62,6 +74,7 @@ fn main() -> ExitCode {
                 device_ifaces,
                 audit,
                 netns,
+                detach_on_exit,
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
@@ -79,6 +92,23 @@ fn main() -> ExitCode {
                     } else {
                         ExitCode::from(1)
                     }
+                }
+            }
+        }
+        Command::Uninstall { netns } => {
+            let dir = datapath::pin_dir(daemon::instance_name(netns.as_deref()));
+            match datapath::uninstall(&dir) {
+                Ok(true) => {
+                    println!("removed {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("nothing pinned at {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("segward: {e}");
+                    ExitCode::from(1)
                 }
             }
         }

@@ -10,3 +10,4 @@ mod lab;
 mod conntrack;
 mod enforcement;
 mod lab_selftest;
+mod restart;

@@ -62,11 +62,25 @@ pub fn add(ns: &str) -> Result<(), String> {
 /// by pid, so that the namespace and its interfaces really disappear.
 pub fn del(ns: &str) -> Result<(), String> {
     kill_processes_in(ns);
+    remove_pins(ns)?;
     let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     if !Path::new(NETNS_DIR).join(ns).exists() {
         return Ok(());
     }
     ip(&["netns", "del", ns])
+}
+
+/// A segward daemon run with `--netns NS` pins its programs, links and maps in
+/// /sys/fs/bpf/segward/NS, where they outlive it on purpose; the namespace's owner removes
+/// them with the namespace.
+fn remove_pins(ns: &str) -> Result<(), String> {
+    let dir = Path::new("/sys/fs/bpf/segward").join(ns);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("cannot remove pins {}: {e}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn kill_processes_in(ns: &str) {
