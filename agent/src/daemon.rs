@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     datapath::{pin_dir, uninstall, Datapath},
     netns::Netns,
+    policy::compile::CompiledPolicy,
     policy::{compile::compile, load::load_dir},
 };
 
@@ -32,9 +33,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(name) => Netns::named(name)?,
         None => Netns::current(),
     };
-    let policy = load_dir(&opts.policy_dir)?;
-    let gateway = netns.gateway_addresses()?;
-    let compiled = compile(&policy, &gateway).context("compiling the policy")?;
+    let compiled = load_policy(&opts, &netns)?;
     let (segments, devices) = (compiled.segment_names.len(), compiled.device_ids.len());
 
     let pins = pin_dir(instance_name(opts.netns.as_deref()));
@@ -61,10 +60,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "enforcing"
     );
 
+    let mut generation: u64 = 1;
+    info!(generation, "policy loaded");
+
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hangup.recv() => {
+                // A policy that fails to load changes nothing: the old one keeps enforcing.
+                match load_policy(&opts, &netns).and_then(|p| Ok(datapath.install(p)?)) {
+                    Ok(()) => {
+                        generation += 1;
+                        info!(generation, "policy loaded");
+                    }
+                    Err(error) => warn!(generation, error = format!("{error:#}"), "policy rejected"),
+                }
+            }
+        }
     }
     for (reason, enforced, audited) in datapath.counters()? {
         if enforced + audited > 0 {
@@ -84,4 +99,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("stopped; the pinned programs go on enforcing (`segward uninstall` removes them)");
     }
     Ok(())
+}
+
+/// Reads and compiles the policy directory for the gateway's current addresses.
+fn load_policy(opts: &RunOptions, netns: &Netns) -> anyhow::Result<CompiledPolicy> {
+    let policy = load_dir(&opts.policy_dir)?;
+    let gateway = netns.gateway_addresses()?;
+    Ok(compile(&policy, &gateway).context("compiling the policy")?)
 }

@@ -10,4 +10,5 @@ mod lab;
 mod conntrack;
 mod enforcement;
 mod lab_selftest;
+mod reload;
 mod restart;
