@@ -12,3 +12,4 @@ mod enforcement;
 mod lab_selftest;
 mod reload;
 mod restart;
+mod spoofing;
