@@ -7,6 +7,7 @@
 #[path = "../lab/mod.rs"]
 mod lab;
 
+mod audit;
 mod conntrack;
 mod enforcement;
 mod lab_selftest;
