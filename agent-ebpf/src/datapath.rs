@@ -3,18 +3,23 @@
 
 use agent_ebpf::{
     maps::{
-        AddrKey, Config, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey,
-        SegmentPolicy, ZoneIdentity, GENERATIONS, MAX_DEVICE_IFACES, MAX_ENDPOINTS,
-        MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_TRACKED_FLOWS, MAX_ZONE_PREFIXES,
+        Addr, AddrKey, Config, Endpoint, Event, EventRate, FlowEntry, FlowKey, PolicyKey,
+        PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, EVENTS_BYTES,
+        EVENTS_PER_SOURCE_PER_SECOND, GENERATIONS, HOOK_FROM_DEVICE, HOOK_TO_DEVICE,
+        MAX_DEVICE_IFACES, MAX_ENDPOINTS, MAX_EVENT_SOURCES, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
+        MAX_TRACKED_FLOWS, MAX_ZONE_PREFIXES,
     },
-    parse::{parse, Packet},
-    verdict::{drop_reason, judge_from_device, judge_to_device, Decision, Tables, REASON_COUNT},
+    parse::{parse, Packet, Parsed},
+    verdict::{
+        drop_reason, judge_from_device, judge_to_device, Decision, Tables,
+        COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
+    },
 };
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 
@@ -39,7 +44,13 @@ static CONNTRACK: LruHashMap<FlowKey, FlowEntry> =
 #[map]
 static DEVICE_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICE_IFACES, 0);
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT * 2, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+/// Drops and audited would-be drops, for the daemon's audit log.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+/// Per-source event rate: a flood from one source must not flood the log.
+#[map]
+static EVENT_RATE: LruHashMap<Addr, EventRate> = LruHashMap::with_max_entries(MAX_EVENT_SOURCES, 0);
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
@@ -93,14 +104,87 @@ fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// Counts the decision; true if the packet passes.
 #[inline(always)]
-fn count(decision: &Decision) -> bool {
-    if let Some(counter) = COUNTERS.get_ptr_mut(decision.counter_index()) {
+fn bump(slot: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *counter += 1 };
     }
+}
+
+/// Counts the decision and reports a drop; true if the packet passes.
+#[inline(always)]
+fn account(decision: &Decision, parsed: Option<&Parsed>, hook: u8, now_ns: u64) -> bool {
+    bump(decision.counter_index());
+    if !decision.reason.passes() {
+        if let Some(parsed) = parsed {
+            report(decision, parsed, hook, now_ns);
+        }
+    }
     decision.passes()
+}
+
+/// Sends an event for a drop, at most `EVENTS_PER_SOURCE_PER_SECOND` per source (a
+/// device, or an unknown source address); the rest only count as suppressed.
+#[inline(always)]
+fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
+    let mut event = Event {
+        ts_ns: now_ns,
+        reason: decision.reason as u8,
+        audited: decision.audited as u8,
+        hook,
+        device: decision.device,
+        ..Event::default()
+    };
+    match parsed {
+        Parsed::Arp { sender_ip, .. } => event.src = *sender_ip,
+        Parsed::Ip(flow) => {
+            event.src = flow.src;
+            event.dst = flow.dst;
+            event.sport = flow.sport;
+            event.dport = flow.dport;
+            event.protocol = flow.protocol;
+        }
+    }
+    // Known devices are limited as a whole (by number, in a key no address can have).
+    let source = if decision.device != 0 {
+        let d = decision.device.to_be_bytes();
+        [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, d[0], d[1],
+            d[2], d[3],
+        ]
+    } else if hook == HOOK_TO_DEVICE {
+        event.dst
+    } else {
+        event.src
+    };
+    let within_limit = match EVENT_RATE.get_ptr_mut(&source) {
+        // SAFETY: plain data; a racing CPU can at worst miscount by one.
+        Some(rate) => unsafe {
+            if now_ns.saturating_sub((*rate).window_start_ns) >= 1_000_000_000 {
+                (*rate).window_start_ns = now_ns;
+                (*rate).events = 1;
+                true
+            } else if (*rate).events < EVENTS_PER_SOURCE_PER_SECOND {
+                (*rate).events += 1;
+                true
+            } else {
+                false
+            }
+        },
+        None => {
+            let fresh = EventRate {
+                window_start_ns: now_ns,
+                events: 1,
+                _pad: 0,
+            };
+            let _ = EVENT_RATE.insert(&source, &fresh, 0);
+            true
+        }
+    };
+    if !within_limit || EVENTS.output::<Event>(&event, 0).is_err() {
+        bump(COUNTER_EVENTS_SUPPRESSED);
+    }
 }
 
 /// XDP ingress on a device-facing interface: everything a device sends.
@@ -109,11 +193,13 @@ pub fn segward_from_device(ctx: XdpContext) -> u32 {
     let config = config();
     // SAFETY: data..data_end is the frame for the duration of this call.
     let packet = unsafe { Packet::from_raw(ctx.data(), ctx.data_end()) };
-    let decision = match parse(&packet) {
-        Ok(parsed) => judge_from_device(&MapTables, &config, &parsed, now()),
-        Err(reason) => drop_reason(&config, reason),
+    let now = now();
+    let parsed = parse(&packet);
+    let decision = match &parsed {
+        Ok(parsed) => judge_from_device(&MapTables, &config, parsed, now),
+        Err(reason) => drop_reason(&config, *reason),
     };
-    if count(&decision) {
+    if account(&decision, parsed.as_ref().ok(), HOOK_FROM_DEVICE, now) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -132,11 +218,13 @@ pub fn segward_to_device(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the context the kernel handed us.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let from_device_iface = unsafe { DEVICE_IFACES.get(&ingress).is_some() };
-    let decision = match parse(&packet) {
-        Ok(parsed) => judge_to_device(&MapTables, &config, &parsed, from_device_iface, now()),
-        Err(reason) => drop_reason(&config, reason),
+    let now = now();
+    let parsed = parse(&packet);
+    let decision = match &parsed {
+        Ok(parsed) => judge_to_device(&MapTables, &config, parsed, from_device_iface, now),
+        Err(reason) => drop_reason(&config, *reason),
     };
-    if count(&decision) {
+    if account(&decision, parsed.as_ref().ok(), HOOK_TO_DEVICE, now) {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

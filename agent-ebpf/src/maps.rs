@@ -20,8 +20,12 @@ pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_DEVICE_IFACES: &str = "DEVICE_IFACES";
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 /// Every map, for pinning.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 10] = [
+    MAP_EVENTS,
+    MAP_EVENT_RATE,
     MAP_CONFIG,
     MAP_ENDPOINTS,
     MAP_ZONES,
@@ -41,6 +45,13 @@ pub const GENERATIONS: u32 = 2;
 /// Tracked flows (LRU: the least recently used are evicted when full).
 pub const MAX_TRACKED_FLOWS: u32 = 65_536;
 pub const MAX_DEVICE_IFACES: u32 = 256;
+/// Ring buffer for events to the daemon, bytes (a power of two, page aligned).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Sources whose event rate is tracked (LRU).
+pub const MAX_EVENT_SOURCES: u32 = 16_384;
+/// Per source, at most this many events per second reach the daemon; the rest are counted
+/// in the last slot of `COUNTERS` ([`COUNTER_EVENTS_SUPPRESSED`]).
+pub const EVENTS_PER_SOURCE_PER_SECOND: u32 = 20;
 
 /// Program names in the object file: XDP ingress on device-facing interfaces (traffic from
 /// devices) and tc egress on the same interfaces (traffic towards devices).
@@ -114,6 +125,39 @@ pub struct FlowEntry {
     pub last_seen_ns: u64,
     /// The device the flow belongs to (for quarantine cuts).
     pub device: u32,
+    pub _pad: u32,
+}
+
+/// A drop (or an audited would-be drop) worth telling the daemon about.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// `verdict::Reason` as a number.
+    pub reason: u8,
+    /// 1 if audit mode let the packet pass.
+    pub audited: u8,
+    /// [`HOOK_FROM_DEVICE`] or [`HOOK_TO_DEVICE`].
+    pub hook: u8,
+    /// The device the packet came from or went to (0: none).
+    pub device: u32,
+    pub _pad: u32,
+}
+
+pub const HOOK_FROM_DEVICE: u8 = 0;
+pub const HOOK_TO_DEVICE: u8 = 1;
+
+/// Per-source event rate state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    pub window_start_ns: u64,
+    pub events: u32,
     pub _pad: u32,
 }
 
@@ -234,6 +278,8 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 16);
+    assert!(core::mem::size_of::<Event>() == 56);
+    assert!(core::mem::size_of::<EventRate>() == 16);
     assert!(core::mem::size_of::<AddrKey>() == 20);
     assert!(core::mem::size_of::<Endpoint>() == 20);
     assert!(core::mem::size_of::<ZoneIdentity>() == 4);
@@ -252,6 +298,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for EventRate {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for ZoneIdentity {}

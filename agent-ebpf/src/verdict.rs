@@ -79,6 +79,10 @@ pub enum Reason {
 
 /// Number of [`Reason`]s; counters are indexed `reason + REASON_COUNT * audited`.
 pub const REASON_COUNT: u32 = 9;
+/// Slots of the `COUNTERS` array: enforced and audited per reason, then suppressed events.
+pub const COUNTER_SLOTS: u32 = REASON_COUNT * 2 + 1;
+/// The counter of events dropped by the per-source rate limit.
+pub const COUNTER_EVENTS_SUPPRESSED: u32 = REASON_COUNT * 2;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -96,6 +100,13 @@ impl Reason {
     #[inline(always)]
     pub const fn passes(self) -> bool {
         matches!(self, Reason::Allowed | Reason::Essential | Reason::Reply)
+    }
+
+    pub const fn from_number(n: u8) -> Option<Reason> {
+        match n {
+            0..=8 => Some(Reason::ALL[n as usize]),
+            _ => None,
+        }
     }
 
     pub const fn name(self) -> &'static str {

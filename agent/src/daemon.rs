@@ -2,8 +2,15 @@
 
 use std::path::PathBuf;
 
+use agent_ebpf::{
+    maps::{Addr, Event, HOOK_TO_DEVICE},
+    verdict::Reason,
+};
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -63,12 +70,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut generation: u64 = 1;
     info!(generation, "policy loaded");
 
+    // SAFETY: the stream owns the ring buffer's fd for as long as the AsyncFd lives.
+    let mut events = unsafe { AsyncFd::register(datapath.take_events()?) }
+        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            ready = events.readable_mut() => {
+                let mut ready = ready?;
+                while let Some(event) = ready.get_inner_mut().next_event() {
+                    log_event(&event, datapath.live());
+                }
+                ready.clear_ready();
+            }
             _ = hangup.recv() => {
                 // A policy that fails to load changes nothing: the old one keeps enforcing.
                 match load_policy(&opts, &netns).and_then(|p| Ok(datapath.install(p)?)) {
@@ -91,6 +108,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             );
         }
     }
+    info!(events_suppressed = datapath.events_suppressed()?, "counter");
     if opts.detach_on_exit {
         drop(datapath);
         uninstall(&pins)?;
@@ -105,5 +123,38 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 fn load_policy(opts: &RunOptions, netns: &Netns) -> anyhow::Result<CompiledPolicy> {
     let policy = load_dir(&opts.policy_dir)?;
     let gateway = netns.gateway_addresses()?;
-    Ok(compile(&policy, &gateway).context("compiling the policy")?)
+    compile(&policy, &gateway).context("compiling the policy")
+}
+
+/// One drop from the kernel, as an audit event (SPEC §5 names).
+fn log_event(event: &Event, policy: Option<&CompiledPolicy>) {
+    let reason = Reason::from_number(event.reason).unwrap_or(Reason::DefaultDeny);
+    let kind = match reason {
+        _ if event.audited != 0 => "audit_deny",
+        Reason::UnknownDevice => "unknown_device",
+        Reason::Spoof => "spoof",
+        _ => "deny",
+    };
+    let device = policy
+        .and_then(|p| p.device_ids.get((event.device as usize).checked_sub(1)?))
+        .map_or("-", String::as_str);
+    info!(
+        target: "segward::audit",
+        event = kind,
+        device,
+        src = %addr_text(&event.src),
+        dst = %addr_text(&event.dst),
+        proto = event.protocol,
+        dport = event.dport,
+        reason = reason.name(),
+        towards_device = event.hook == HOOK_TO_DEVICE,
+        "{kind}"
+    );
+}
+
+/// An address as people write it: IPv4-mapped addresses as plain IPv4.
+fn addr_text(addr: &Addr) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*addr);
+    v6.to_ipv4_mapped()
+        .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
 }

@@ -9,11 +9,12 @@
 
 use agent_ebpf::{
     maps::{
-        AddrKey, Config, Endpoint, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity,
-        ALL_MAPS, CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS,
-        MAP_POLICY, MAP_SEGMENTS, MAP_ZONES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        AddrKey, Config, Endpoint, Event, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy,
+        ZoneIdentity, ALL_MAPS, CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICE_IFACES,
+        MAP_ENDPOINTS, MAP_EVENTS, MAP_POLICY, MAP_SEGMENTS, MAP_ZONES, PROG_FROM_DEVICE,
+        PROG_TO_DEVICE,
     },
-    verdict::{Reason, REASON_COUNT},
+    verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
 use std::{
     fs,
@@ -22,7 +23,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -104,6 +105,28 @@ fn ensure_bpffs() -> Result<(), DatapathError> {
         None::<&str>,
     )
     .map_err(DatapathError::Mount)
+}
+
+/// Drop events from the kernel, in the order they were sent.
+pub struct EventStream(RingBuf<MapData>);
+
+impl EventStream {
+    /// The next event waiting, if any (never blocks; poll the fd for readiness).
+    pub fn next_event(&mut self) -> Option<Event> {
+        loop {
+            let item = self.0.next()?;
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel wrote an `Event` (plain data) at the start of the item.
+                return Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for EventStream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
 }
 
 /// Which program a [`TestRun`] exercises.
@@ -393,6 +416,15 @@ impl Datapath {
         Ok(detached)
     }
 
+    /// Marks `ifindex` as device-facing without attaching anything to it, so that
+    /// [`Datapath::test_run`] can judge frames that came in on a device-facing interface
+    /// (`Hook::ToDevice { ingress_ifindex }`) without a real interface. For tests.
+    pub fn add_device_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.hash::<u32, u32>(MAP_DEVICE_IFACES)?
+            .insert(ifindex, 1, 0)
+            .map_err(map_err(MAP_DEVICE_IFACES))
+    }
+
     /// Whole-agent audit mode (SPEC §2.6).
     pub fn set_audit(&mut self, audit: bool) -> Result<(), DatapathError> {
         self.config.flags = if audit { CONFIG_AUDIT } else { 0 };
@@ -439,23 +471,52 @@ impl Datapath {
     }
 
     pub fn counters(&self) -> Result<Counters, DatapathError> {
+        Reason::ALL
+            .iter()
+            .map(|&r| {
+                Ok((
+                    r,
+                    self.counter(r as u32)?,
+                    self.counter(r as u32 + REASON_COUNT)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Events the kernel's per-source rate limit kept from the daemon.
+    pub fn events_suppressed(&self) -> Result<u64, DatapathError> {
+        self.counter(COUNTER_EVENTS_SUPPRESSED)
+    }
+
+    /// One slot of the per-CPU counters, summed over CPUs.
+    fn counter(&self, slot: u32) -> Result<u64, DatapathError> {
         let map = self
             .ebpf
             .map(MAP_COUNTERS)
             .ok_or(DatapathError::Missing(MAP_COUNTERS))?;
         let counters: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(map_err(MAP_COUNTERS))?;
-        let sum = |index: u32| -> Result<u64, DatapathError> {
-            Ok(counters
-                .get(&index, 0)
-                .map_err(map_err(MAP_COUNTERS))?
-                .iter()
-                .sum())
-        };
-        Reason::ALL
+        Ok(counters
+            .get(&slot, 0)
+            .map_err(map_err(MAP_COUNTERS))?
             .iter()
-            .map(|&r| Ok((r, sum(r as u32)?, sum(r as u32 + REASON_COUNT)?)))
-            .collect()
+            .sum())
+    }
+
+    /// The ring buffer of drop events (taken once, by the daemon's event loop).
+    pub fn take_events(&mut self) -> Result<EventStream, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(DatapathError::Missing(MAP_EVENTS))?;
+        Ok(EventStream(
+            RingBuf::try_from(map).map_err(map_err(MAP_EVENTS))?,
+        ))
+    }
+
+    /// The policy in force, if this datapath installed one.
+    pub fn live(&self) -> Option<&CompiledPolicy> {
+        self.live.as_ref()
     }
 
     fn write_config(&mut self) -> Result<(), DatapathError> {

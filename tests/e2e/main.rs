@@ -10,6 +10,7 @@ mod lab;
 mod audit;
 mod conntrack;
 mod enforcement;
+mod events;
 mod lab_selftest;
 mod reload;
 mod restart;
