@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use agent_ebpf::{
@@ -18,13 +18,13 @@ use agent_ebpf::{
         mask_port, Addr, AddrKey, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey,
         SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS, DIR_ACCEPT, DIR_ALLOW,
         ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
-        MAX_ZONE_PREFIXES, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
+        MAX_ZONE_PREFIXES, PROTO_ANY, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
     },
     verdict::{Tables, IDENTITY_WORLD},
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 
-use super::model::{Location, Mode, Policy, PortSpec, Source, Target};
+use super::model::{canonical_net, Location, Mode, Policy, PortSpec, Source, Target};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
@@ -141,9 +141,9 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
             Target::Zone(name) => zone_cidrs
                 .get(name.as_str())
                 .into_iter()
-                .flat_map(|c| c.iter().map(|n| Class::Cidr(n.trunc())))
+                .flat_map(|c| c.iter().map(|n| Class::Cidr(canonical_net(*n))))
                 .collect(),
-            Target::Cidr(net) => vec![Class::Cidr(net.trunc())],
+            Target::Cidr(net) => vec![Class::Cidr(canonical_net(*net))],
             Target::Gateway => vec![Class::Gateway],
         }
     };
@@ -219,7 +219,7 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
         for device in &segment.devices {
             device_number += 1;
             out.device_ids.push(device.id.clone());
-            for &ip in &device.addresses {
+            for ip in device.addresses.iter().map(IpAddr::to_canonical) {
                 let mut classes = cidr_classes(&|n| n.contains(&ip));
                 classes.extend([Class::Segment(s), Class::Device(device_number as usize - 1)]);
                 let (flags, mac) = match device.mac {
@@ -241,7 +241,7 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
             }
         }
     }
-    for &ip in gateway_addrs {
+    for ip in gateway_addrs.iter().map(IpAddr::to_canonical) {
         let mut classes = cidr_classes(&|n| n.contains(&ip));
         classes.push(Class::Gateway);
         out.endpoints
@@ -260,6 +260,22 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
                 identity: identities.intern(classes, &targeted),
             },
         );
+    }
+    // IPv4 addresses sit at ::ffff:0:0/96 in the trie, where an IPv6 prefix of /80 or
+    // shorter (`::/0`) would match them too. An IPv6 CIDR contains no IPv4 address (as for
+    // the device addresses above), so that range gets an entry of its own, for the world:
+    // an IPv4 CIDR covering it all (0.0.0.0/0) already has this very key.
+    let v4_space = Ipv6Net::new(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96).expect("a /96");
+    if targeted_cidrs
+        .iter()
+        .any(|n| matches!(n, IpNet::V6(v6) if v6.contains(&v4_space)))
+    {
+        let (bits, addr) = prefix_bits(&IpNet::V6(v4_space));
+        out.zones
+            .entry((ADDR_KEY_HEADER_BITS + bits, key(addr)))
+            .or_insert(ZoneIdentity {
+                identity: IDENTITY_WORLD,
+            });
     }
 
     // Bit n of a segment's mask: some entry of that direction has port prefix length n.
@@ -297,6 +313,7 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
             }
         }
     }
+    name_first_rules(&mut out.policy);
     for (s, segment) in policy.segments.iter().enumerate() {
         let (allow_port_prefixes, accept_port_prefixes) = port_prefix_masks[s];
         out.segments.insert(
@@ -332,6 +349,38 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
         }
     }
     Ok(out)
+}
+
+/// The datapath stops at the most port-specific entry that matches (then tries `any`), but
+/// the rule that decides is the *first* that applies (SPEC §2). Every other entry a packet
+/// matching an entry can match is a shorter port prefix containing it, or the `any`
+/// protocol entry, so each entry takes the earliest rule among those.
+fn name_first_rules(policy: &mut BTreeMap<PolicyKey, PolicyValue>) {
+    let earliest: Vec<(PolicyKey, u32)> = policy
+        .iter()
+        .map(|(key, value)| {
+            let covering = (0..key.port_prefix)
+                .map(|prefix| PolicyKey {
+                    port_prefix: prefix,
+                    port: mask_port(key.port, prefix),
+                    ..*key
+                })
+                .chain((key.protocol != PROTO_ANY).then_some(PolicyKey {
+                    protocol: PROTO_ANY,
+                    port_prefix: 0,
+                    port: 0,
+                    ..*key
+                }));
+            let first = covering
+                .filter_map(|k| policy.get(&k))
+                .map(|v| v.rule)
+                .fold(value.rule, u32::min);
+            (*key, first)
+        })
+        .collect();
+    for (key, rule) in earliest {
+        policy.insert(key, PolicyValue { rule });
+    }
 }
 
 /// One rule, resolved: segment `segment` may exchange `ports` with `peer` in `direction`.
@@ -486,6 +535,22 @@ mod tests {
             ]
         );
         assert_eq!(port_prefixes(&spec(1, 3)), vec![(1, 16), (2, 15)]);
+    }
+
+    #[test]
+    fn ipv6_cidrs_cover_no_ipv4_address() {
+        let yaml = "kind: Segment\nname: s\nallow: [{to: \"::/0\", ports: [any]}, \
+                    {to: 10.0.0.0/8, ports: [any]}]\n";
+        let policy = crate::policy::load::load_str(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let compiled = compile(&policy, &[]).unwrap();
+        let identity = |ip: &str| {
+            let addr = addr_octets(ip.parse().unwrap());
+            agent_ebpf::verdict::address_identity(&compiled, &Default::default(), &addr)
+        };
+        assert_ne!(identity("2001:db8::1"), IDENTITY_WORLD);
+        assert_ne!(identity("10.1.2.3"), IDENTITY_WORLD);
+        assert_ne!(identity("10.1.2.3"), identity("2001:db8::1"));
+        assert_eq!(identity("192.0.2.1"), IDENTITY_WORLD);
     }
 
     #[test]

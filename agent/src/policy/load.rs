@@ -378,7 +378,7 @@ fn describe(node: &Node) -> &'static str {
     }
 }
 
-const SEGMENT_KEYS: &[&str] = &[
+pub(crate) const SEGMENT_KEYS: &[&str] = &[
     "kind",
     "name",
     "description",
@@ -387,15 +387,15 @@ const SEGMENT_KEYS: &[&str] = &[
     "allow",
     "accept",
 ];
-const ZONE_KEYS: &[&str] = &["kind", "name", "cidrs"];
-const QUARANTINE_KEYS: &[&str] = &["kind", "allow", "triggers", "exempt"];
-const DEVICE_KEYS: &[&str] = &["id", "mac", "addresses"];
-const ALLOW_KEYS: &[&str] = &["to", "ports"];
-const ACCEPT_KEYS: &[&str] = &["from", "ports"];
-const TRIGGERS_KEYS: &[&str] = &["denied_flows", "fanout"];
-const DENIED_FLOWS_KEYS: &[&str] = &["count", "window"];
-const FANOUT_KEYS: &[&str] = &["destinations", "window"];
-const KINDS: &[&str] = &["Segment", "Zone", "Quarantine"];
+pub(crate) const ZONE_KEYS: &[&str] = &["kind", "name", "cidrs"];
+pub(crate) const QUARANTINE_KEYS: &[&str] = &["kind", "allow", "triggers", "exempt"];
+pub(crate) const DEVICE_KEYS: &[&str] = &["id", "mac", "addresses"];
+pub(crate) const ALLOW_KEYS: &[&str] = &["to", "ports"];
+pub(crate) const ACCEPT_KEYS: &[&str] = &["from", "ports"];
+pub(crate) const TRIGGERS_KEYS: &[&str] = &["denied_flows", "fanout"];
+pub(crate) const DENIED_FLOWS_KEYS: &[&str] = &["count", "window"];
+pub(crate) const FANOUT_KEYS: &[&str] = &["destinations", "window"];
+pub(crate) const KINDS: &[&str] = &["Segment", "Zone", "Quarantine"];
 
 const PORTS_HINT: &str =
     " (nothing is allowed implicitly: list ports such as \"443/tcp\", or \"any\")";

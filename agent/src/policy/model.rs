@@ -4,7 +4,7 @@
 
 use std::{fmt, net::IpAddr, ops::RangeInclusive, path::PathBuf, sync::Arc, time::Duration};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 /// Where something was written: `file:line:col`, 1-based.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -194,4 +194,16 @@ pub struct DeniedFlowsTrigger {
 pub struct FanoutTrigger {
     pub destinations: u32,
     pub window: Duration,
+}
+
+/// `net` with an IPv4-mapped IPv6 CIDR (`::ffff:10.0.0.0/104`) written as the IPv4 one.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    let net = net.trunc();
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
 }
