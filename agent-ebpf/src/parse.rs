@@ -17,7 +17,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-/// IPv6 extension headers walked before giving up (`malformed`).
+/// IPv6 extension headers walked at most; a longer chain is `malformed`.
 pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
 /// What a frame is, as far as the decision cares.
@@ -104,6 +104,9 @@ fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, 
     let mut walked = 0;
     loop {
         let header_len = match next_header {
+            0 | 43 | 44 | 51 | 60 if walked == MAX_IPV6_EXT_HEADERS => {
+                return Err(Reason::Malformed);
+            }
             // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
             0 | 43 | 60 => {
                 let ext: [u8; 2] = packet.read(l4)?;
@@ -128,9 +131,6 @@ fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, 
         };
         l4 += header_len;
         walked += 1;
-        if walked >= MAX_IPV6_EXT_HEADERS {
-            return Err(Reason::Malformed);
-        }
     }
     let mut src: Addr = [0; 16];
     let mut dst: Addr = [0; 16];
