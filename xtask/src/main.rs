@@ -2,7 +2,10 @@
 
 mod setup;
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -73,12 +76,53 @@ fn test() -> Result<()> {
     setup::setup()?;
     step("building segward (the XDP object is built and embedded by agent/build.rs)");
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
-    step("host unit tests");
-    run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
-    step("end-to-end tests: network namespaces, veth, the real segward binary");
-    run(cargo().args(["test", "--package", "segward", "--test", "e2e"]))?;
-    println!("xtask test: all passed");
+    // One run: host unit tests, CLI tests, the loader fuzz test, the kernel tests
+    // (BPF_PROG_TEST_RUN tables, differential) and the end-to-end tests. None share kernel
+    // state: each loads its own programs and maps, each lab has its own namespaces and pins.
+    step("all tests: unit, CLI, fuzz, kernel (BPF_PROG_TEST_RUN), end to end (netns + veth)");
+    let (passed, failed) = run_tests(cargo().args(["test", "--workspace"]))?;
+    // One total for the whole run, as the closing line (cargo's last line is that of the
+    // last test binary, often the doc tests' "0 passed").
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} tests failed");
+    }
     Ok(())
+}
+
+/// Runs a `cargo test` command, echoing its output and summing its "test result" lines.
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                result
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok((passed, failed))
 }
 
 /// `cargo` without rustup's toolchain override, so `+nightly` works in nested calls.
