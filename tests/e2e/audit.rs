@@ -1,8 +1,6 @@
 //! Audit mode (SPEC §2.6): would-be drops pass and are counted as audited, per segment
 //! (`mode: audit`) and for the whole agent (`--audit`).
 
-use std::fs;
-
 use crate::lab::{Daemon, Lab, Probe, UPLINK};
 
 const POLICY: &str = r#"
@@ -33,34 +31,14 @@ fn lab() -> Lab {
         .device("stranger", &["10.20.7.7"])
         .uplink_host("198.51.100.10")
         .build();
-    let dir = lab.dir().join("policy");
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("policy.yaml"), POLICY).unwrap();
+    lab.write_policy(POLICY);
     lab
-}
-
-fn start<'l>(lab: &'l Lab, extra: &[&str]) -> Daemon<'l> {
-    let mut args = vec!["run".to_string(), "--policy".into()];
-    args.push(lab.dir().join("policy").display().to_string());
-    for iface in lab.device_ifaces() {
-        args.extend(["--device-iface".into(), iface]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    lab.start_segward(&args)
 }
 
 /// The `audited` count of a reason in the counters the daemon logs when it stops.
 fn audited(daemon: &mut Daemon<'_>, reason: &str) -> u64 {
     daemon.stop();
-    let output = daemon.output_so_far();
-    output
-        .lines()
-        .find(|l| l.contains("counter") && l.contains(&format!("reason=\"{reason}\"")))
-        .and_then(|l| l.split("audited=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    daemon.logged_counter(Some(reason), "audited").unwrap_or(0)
 }
 
 #[test]
@@ -70,7 +48,7 @@ fn an_audit_segment_lets_would_be_drops_pass_and_counts_them() {
         lab.tcp_listen(UPLINK, "198.51.100.10:8883"),
         lab.tcp_listen(UPLINK, "198.51.100.10:22"),
     );
-    let mut daemon = start(&lab, &[]);
+    let mut daemon = lab.start_enforcing(&[]);
     lab.assert_passes("cam-01", &Probe::tcp("198.51.100.10:22"));
     lab.assert_dropped("temp-001", &Probe::tcp("198.51.100.10:22"));
     lab.assert_dropped("stranger", &Probe::tcp("198.51.100.10:8883"));
@@ -87,7 +65,7 @@ fn audit_mode_for_the_whole_agent_lets_everything_pass() {
         lab.tcp_listen(UPLINK, "198.51.100.10:8883"),
         lab.tcp_listen(UPLINK, "198.51.100.10:22"),
     );
-    let mut daemon = start(&lab, &["--audit"]);
+    let mut daemon = lab.start_enforcing(&["--audit"]);
     lab.assert_passes("temp-001", &Probe::tcp("198.51.100.10:22"));
     lab.assert_passes("stranger", &Probe::tcp("198.51.100.10:8883"));
     assert!(

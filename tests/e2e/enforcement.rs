@@ -1,8 +1,6 @@
 //! The first enforcing packet path: device-originated flows against a segment's allowlist.
 
-use std::fs;
-
-use crate::lab::{Lab, Outcome, Probe, DROP_TIMEOUT, PASS_TIMEOUT, UPLINK};
+use crate::lab::{Lab, Probe, UPLINK};
 
 const POLICY: &str = r#"
 kind: Segment
@@ -34,9 +32,7 @@ fn device_flows_follow_the_allowlist() {
         .uplink_host("198.51.100.20")
         .uplink_host("198.51.100.40")
         .build();
-    let policy = lab.dir().join("policy");
-    fs::create_dir_all(&policy).unwrap();
-    fs::write(policy.join("sensors.yaml"), POLICY).unwrap();
+    lab.write_policy(POLICY);
 
     let _servers = (
         lab.tcp_listen(UPLINK, "198.51.100.10:8883"),
@@ -47,16 +43,7 @@ fn device_flows_follow_the_allowlist() {
         lab.udp_echo_server(UPLINK, "198.51.100.10:123"),
         lab.udp_echo_server(UPLINK, "198.51.100.10:124"),
     );
-    let mut args = vec![
-        "run".to_string(),
-        "--policy".into(),
-        policy.display().to_string(),
-    ];
-    for iface in lab.device_ifaces() {
-        args.extend(["--device-iface".into(), iface]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = lab.start_segward(&args);
+    let daemon = lab.start_enforcing(&[]);
 
     let cases: &[(&str, &str, Probe, bool)] = &[
         (
@@ -114,22 +101,7 @@ fn device_flows_follow_the_allowlist() {
             false,
         ),
     ];
-    let failures: Vec<String> = cases
-        .iter()
-        .filter_map(|(name, host, probe, passes)| {
-            let timeout = if *passes { PASS_TIMEOUT } else { DROP_TIMEOUT };
-            let outcome = lab.probe(host, probe, timeout);
-            let ok = if *passes {
-                outcome.passed()
-            } else {
-                outcome == Outcome::TimedOut
-            };
-            (!ok).then(|| {
-                let want = if *passes { "pass" } else { "be dropped" };
-                format!("{name}: {probe} from {host} should {want}, but it {outcome}")
-            })
-        })
-        .collect();
+    let failures = lab.judge_flows(cases);
     assert!(
         failures.is_empty(),
         "{} of {} flows judged wrongly:\n  {}\n--- daemon output ---\n{}",

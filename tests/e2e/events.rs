@@ -1,7 +1,7 @@
 //! Drop events from the kernel ring buffer: each drop is reported with its device and
 //! reason, and a flood from one device is rate-limited in the kernel, the excess counted.
 
-use std::{fs, net::UdpSocket, time::Duration};
+use std::{net::UdpSocket, time::Duration};
 
 use crate::lab::{Lab, Probe};
 
@@ -26,16 +26,8 @@ fn drops_are_reported_and_a_flood_is_rate_limited() {
         .device("stranger", &["10.20.7.7"])
         .uplink_host("198.51.100.10")
         .build();
-    let dir = lab.dir().join("policy");
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("sensors.yaml"), POLICY).unwrap();
-    let policy = dir.display().to_string();
-    let mut args = vec!["run".to_string(), "--policy".into(), policy];
-    for iface in lab.device_ifaces() {
-        args.extend(["--device-iface".into(), iface]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = lab.start_segward(&args);
+    lab.write_policy(POLICY);
+    let mut daemon = lab.start_enforcing(&[]);
 
     lab.run_in("temp-001", || {
         let socket = UdpSocket::bind("10.20.1.11:0").unwrap();
@@ -73,11 +65,8 @@ fn drops_are_reported_and_a_flood_is_rate_limited() {
         "{} deny events for one device: the kernel's rate limit did not hold",
         denies.len()
     );
-    let suppressed: u64 = output
-        .lines()
-        .find_map(|l| l.split("events_suppressed=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    let suppressed = daemon
+        .logged_counter(None, "events_suppressed")
         .unwrap_or_else(|| panic!("no events_suppressed counter:\n{output}"));
     assert!(
         suppressed as usize + denies.len() >= FLOOD,

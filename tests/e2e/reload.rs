@@ -56,9 +56,7 @@ fn two_hundred_reloads_under_traffic_are_atomic() {
 
     let _tcp = lab.tcp_listen(UPLINK, "198.51.100.10:8883");
     let denied_by_both = lab.udp_echo_server(UPLINK, "198.51.100.10:9003");
-    let policy_dir = dir.display().to_string();
-    let iface = lab.device_iface("temp-001").to_string();
-    let mut daemon = lab.start_segward(&["run", "--policy", &policy_dir, "--device-iface", &iface]);
+    let mut daemon = lab.start_enforcing(&[]);
     let pid = Pid::from_raw(daemon.pid() as i32);
 
     let mut conn = lab

@@ -2,7 +2,7 @@
 //! restarted daemon adopts the pinned programs, maps and flows without a gap or a second
 //! attachment.
 
-use std::{fs, time::Duration};
+use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 
@@ -24,12 +24,8 @@ allow:
 const DENIED_BEFORE_KILL: u64 = 5;
 
 fn start(lab: &Lab) -> Daemon<'_> {
-    let policy = lab.dir().join("policy");
-    fs::create_dir_all(&policy).unwrap();
-    fs::write(policy.join("sensors.yaml"), POLICY).unwrap();
-    let policy = policy.display().to_string();
-    let iface = lab.device_iface("temp-001").to_string();
-    lab.start_segward(&["run", "--policy", &policy, "--device-iface", &iface])
+    lab.write_policy(POLICY);
+    lab.start_enforcing(&[])
 }
 
 /// Programs attached to the device interface: (XDP programs, TCX egress programs).
@@ -102,12 +98,8 @@ fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
 
     second.stop();
     let output = second.output_so_far();
-    let dropped: u64 = output
-        .lines()
-        .find(|l| l.contains("counter") && l.contains("reason=\"default_deny\""))
-        .and_then(|l| l.split("packets=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    let dropped = second
+        .logged_counter(Some("default_deny"), "packets")
         .unwrap_or_else(|| panic!("no default_deny counter in the output:\n{output}"));
     assert!(
         dropped > DENIED_BEFORE_KILL,

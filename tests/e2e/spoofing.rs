@@ -1,7 +1,7 @@
 //! Anti-spoofing (SPEC §2 rules 1 and 2): a device that forges a pinned device's address,
 //! in IP or in ARP, is dropped.
 
-use std::{fs, os::fd::AsRawFd as _, time::Duration};
+use std::{os::fd::AsRawFd as _, time::Duration};
 
 use socket2::{Domain, Socket, Type};
 
@@ -71,9 +71,7 @@ fn ip_and_arp_spoofers_are_dropped() {
         .device_with_mac("impostor", "02:00:00:00:66:66", &["10.20.1.66"])
         .uplink_host("198.51.100.10")
         .build();
-    let dir = lab.dir().join("policy");
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("sensors.yaml"), POLICY).unwrap();
+    lab.write_policy(POLICY);
     let ntp = lab.udp_echo_server(UPLINK, "198.51.100.10:123");
     let impostor_iface = lab.device_iface("impostor").to_string();
     // Unfiltered, the gateway would take the forged ARP into its neighbour table.
@@ -85,13 +83,7 @@ fn ip_and_arp_spoofers_are_dropped() {
             &format!("net.ipv4.conf.{impostor_iface}.arp_accept=1"),
         ],
     );
-    let policy = dir.display().to_string();
-    let mut args = vec!["run".to_string(), "--policy".into(), policy];
-    for iface in lab.device_ifaces() {
-        args.extend(["--device-iface".into(), iface]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = lab.start_segward(&args);
+    let mut daemon = lab.start_enforcing(&[]);
 
     // The real device may do what its segment allows.
     lab.assert_passes("temp-001", &Probe::udp("198.51.100.10:123"));
@@ -123,16 +115,10 @@ fn ip_and_arp_spoofers_are_dropped() {
     );
 
     daemon.stop();
-    let output = daemon.output_so_far();
-    let spoofs: u64 = output
-        .lines()
-        .find(|l| l.contains("counter") && l.contains("reason=\"spoof\""))
-        .and_then(|l| l.split("packets=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let spoofs = daemon.logged_counter(Some("spoof"), "packets").unwrap_or(0);
     assert!(
         spoofs >= 4,
-        "the IP and ARP forgeries were counted as spoofs ({spoofs})\n{output}"
+        "the IP and ARP forgeries were counted as spoofs ({spoofs})\n{}",
+        daemon.output_so_far()
     );
 }

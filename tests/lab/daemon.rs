@@ -219,6 +219,25 @@ impl Daemon<'_> {
         self.try_status().is_none()
     }
 
+    /// A field (`packets`, `audited`, `events_suppressed`) of a `counter` line the daemon
+    /// logs when it stops; `reason` picks the line (`None`: the line without a reason).
+    pub fn logged_counter(&self, reason: Option<&str>, field: &str) -> Option<u64> {
+        let output = self.output_so_far();
+        let line = output.lines().find(|l| {
+            l.contains(" counter")
+                && match reason {
+                    Some(r) => l.contains(&format!("reason=\"{r}\"")),
+                    None => l.contains(&format!("{field}=")),
+                }
+        })?;
+        line.split(&format!("{field}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// Everything the daemon printed so far (stdout and stderr, in arrival order).
     pub fn output_so_far(&self) -> String {
         self.logs.captured.lock().unwrap().combined.clone()

@@ -793,6 +793,48 @@ impl Lab {
         cmd
     }
 
+    /// Writes `yaml` as the lab's policy directory (one file) and returns the directory.
+    pub fn write_policy(&self, yaml: &str) -> std::path::PathBuf {
+        let dir = self.dir().join("policy");
+        std::fs::create_dir_all(&dir).expect("lab: policy dir");
+        std::fs::write(dir.join("policy.yaml"), yaml).expect("lab: policy file");
+        dir
+    }
+
+    /// `segward run` on the lab's policy directory (see `write_policy`), attached to every
+    /// device interface, with `extra` arguments.
+    pub fn start_enforcing(&self, extra: &[&str]) -> Daemon<'_> {
+        let mut args = vec!["run".to_string(), "--policy".into()];
+        args.push(self.dir().join("policy").display().to_string());
+        for iface in self.device_ifaces() {
+            args.extend(["--device-iface".into(), iface]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_segward(&args)
+    }
+
+    /// Tries each flow `(name, host, probe, passes)`; "dropped" means nothing came back at
+    /// all (no RST, no ICMP error). Returns one line per flow judged wrongly.
+    pub fn judge_flows(&self, cases: &[(&str, &str, Probe, bool)]) -> Vec<String> {
+        cases
+            .iter()
+            .filter_map(|(name, host, probe, passes)| {
+                let timeout = if *passes { PASS_TIMEOUT } else { DROP_TIMEOUT };
+                let outcome = self.probe(host, probe, timeout);
+                let ok = if *passes {
+                    outcome.passed()
+                } else {
+                    outcome == Outcome::TimedOut
+                };
+                (!ok).then(|| {
+                    let want = if *passes { "pass" } else { "be dropped" };
+                    format!("{name}: {probe} from {host} should {want}, but it {outcome}")
+                })
+            })
+            .collect()
+    }
+
     /// Starts `segward ARGS... --netns <gateway ns>` and waits (≤ 20 s) until it reports
     /// `enforcing`; panics with its output otherwise.
     pub fn start_segward(&self, args: &[&str]) -> Daemon<'_> {
