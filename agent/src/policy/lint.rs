@@ -526,22 +526,8 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::policy::dedent;
     use crate::policy::load::load_str;
-
-    /// Strips the first (empty) line and the common indentation, so that test YAML can be
-    /// indented with the code. Line 1 is the first line after `r#"`.
-    fn yaml(text: &str) -> String {
-        let text = text.strip_prefix('\n').unwrap_or(text);
-        let indent = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| l.len() - l.trim_start().len())
-            .min()
-            .unwrap_or(0);
-        text.lines()
-            .map(|l| l.get(indent..).unwrap_or("").to_owned() + "\n")
-            .collect()
-    }
 
     /// The lint diagnostics of `text` (as `t.yaml`), sorted, one string each.
     fn lints(text: &str) -> Vec<String> {
@@ -554,7 +540,7 @@ mod tests {
     /// Runs each case's YAML and compares every diagnostic, location included.
     fn table(cases: &[(&str, &str, &[&str])]) {
         for (name, text, expected) in cases {
-            assert_eq!(lints(&yaml(text)), *expected, "case {name:?}");
+            assert_eq!(lints(&dedent(text)), *expected, "case {name:?}");
         }
     }
 

@@ -1493,26 +1493,10 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
-
-    /// Strips the first (empty) line and the common indentation, so that test YAML can be
-    /// indented with the code. Line 1 of the result is the first line after `"`.
-    fn yaml(text: &str) -> String {
-        let text = text.strip_prefix('\n').unwrap_or(text);
-        let indent = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| l.len() - l.trim_start().len())
-            .min()
-            .unwrap_or(0);
-        text.lines()
-            .map(|l| l.get(indent..).unwrap_or("").trim_end())
-            .collect::<Vec<_>>()
-            .join("\n")
-            + "\n"
-    }
+    use crate::policy::dedent;
 
     fn load(text: &str) -> Result<Policy, LoadError> {
-        load_str(Path::new("t.yaml"), &yaml(text))
+        load_str(Path::new("t.yaml"), &dedent(text))
     }
 
     fn valid(text: &str) -> Policy {
@@ -1537,7 +1521,7 @@ mod tests {
     /// A segment file around `body`, for tests of one part. Line 1 is `kind`, line 2 `name`,
     /// `body` starts on line 3.
     fn segment(body: &str) -> String {
-        format!("kind: Segment\nname: s\n{}", yaml(body))
+        format!("kind: Segment\nname: s\n{}", dedent(body))
     }
 
     fn segment_errors(body: &str) -> Vec<String> {
@@ -2261,7 +2245,7 @@ mod tests {
 
     #[test]
     fn many_errors_in_one_run_sorted_across_files() {
-        let a = yaml(
+        let a = dedent(
             r#"
             kind: Segment
             name: a
@@ -2270,7 +2254,7 @@ mod tests {
                 ports: [80]
             "#,
         );
-        let b = yaml(
+        let b = dedent(
             r#"
             kind: Zone
             name: a
