@@ -332,8 +332,7 @@ fn is_tracked<T: Tables>(tables: &T, config: &Config, flow: &Flow, now_ns: u64) 
             if idle >= timeout_ns(config, flow.protocol) {
                 return false;
             }
-            // Refresh at most once a second: a map write per packet is not free.
-            if idle > 1_000_000_000 {
+            if idle > REFRESH_NS {
                 tables.track(
                     &key,
                     &FlowEntry {
@@ -359,6 +358,11 @@ fn track_replies<T: Tables>(tables: &T, flow: &Flow, device: u32, now_ns: u64) {
         protocol: flow.protocol,
         _pad: [0; 3],
     };
+    if let Some(entry) = tables.tracked(&reply) {
+        if entry.device == device && now_ns.saturating_sub(entry.last_seen_ns) <= REFRESH_NS {
+            return;
+        }
+    }
     tables.track(
         &reply,
         &FlowEntry {
@@ -368,6 +372,10 @@ fn track_replies<T: Tables>(tables: &T, flow: &Flow, device: u32, now_ns: u64) {
         },
     );
 }
+
+/// Tracked flows are refreshed at most once a second, from either direction: a map write
+/// per packet is not free, and timeouts are counted in seconds.
+const REFRESH_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn flow_key(flow: &Flow) -> FlowKey {
