@@ -3,15 +3,16 @@
 
 use agent_ebpf::{
     maps::{
-        Addr, AddrKey, Config, Endpoint, Event, EventRate, FlowEntry, FlowKey, PolicyKey,
-        PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, EVENTS_BYTES,
-        EVENTS_PER_SOURCE_PER_SECOND, GENERATIONS, HOOK_FROM_DEVICE, HOOK_TO_DEVICE,
-        MAX_DEVICE_IFACES, MAX_ENDPOINTS, MAX_EVENT_SOURCES, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
-        MAX_TRACKED_FLOWS, MAX_ZONE_PREFIXES,
+        Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, EventRate, FlowEntry,
+        FlowKey, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen,
+        ZoneIdentity, CONFIG_REPORT_NEW_FLOWS, EVENTS_BYTES, EVENTS_PER_SOURCE_PER_SECOND,
+        GENERATIONS, HOOK_FROM_DEVICE, HOOK_TO_DEVICE, MAX_DEVICE_IFACES, MAX_ENDPOINTS,
+        MAX_EVENT_SOURCES, MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_TRACKED_DATAGRAMS,
+        MAX_TRACKED_FLOWS, MAX_UNKNOWN_SOURCES, MAX_ZONE_PREFIXES,
     },
     parse::{parse, Packet, Parsed},
     verdict::{
-        drop_reason, judge_from_device, judge_to_device, Decision, Tables,
+        drop_reason, judge_from_device, judge_to_device, Decision, Reason, Tables,
         COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
     },
 };
@@ -40,6 +41,13 @@ static POLICY: HashMap<PolicyKey, PolicyValue> =
 #[map]
 static CONNTRACK: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(MAX_TRACKED_FLOWS, 0);
+#[map]
+static FRAGMENTS: LruHashMap<DatagramKey, DatagramEntry> =
+    LruHashMap::with_max_entries(MAX_TRACKED_DATAGRAMS, 0);
+/// Sources on device-facing interfaces that no device owns: the device inventory.
+#[map]
+static UNKNOWN_SOURCES: LruHashMap<UnknownKey, UnknownSeen> =
+    LruHashMap::with_max_entries(MAX_UNKNOWN_SOURCES, 0);
 /// Interface indexes (in the gateway's namespace) of the device-facing interfaces.
 #[map]
 static DEVICE_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICE_IFACES, 0);
@@ -97,6 +105,24 @@ impl Tables for MapTables {
         // A full LRU evicts the oldest flow; a failed insert only costs a reply re-judged.
         let _ = CONNTRACK.insert(key, entry, 0);
     }
+
+    #[inline(always)]
+    fn refresh(&self, key: &FlowKey, now_ns: u64) {
+        if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+            // SAFETY: plain data; a racing writer can at worst store a similar time.
+            unsafe { (*entry).last_seen_ns = now_ns };
+        }
+    }
+
+    #[inline(always)]
+    fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry> {
+        unsafe { FRAGMENTS.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn track_datagram(&self, key: &DatagramKey, entry: &DatagramEntry) {
+        let _ = FRAGMENTS.insert(key, entry, 0);
+    }
 }
 
 #[inline(always)]
@@ -112,21 +138,61 @@ fn bump(slot: u32) {
     }
 }
 
-/// Counts the decision and reports a drop; true if the packet passes.
+/// Counts the decision and reports a drop (and, when asked, a new flow); true if the
+/// packet passes.
 #[inline(always)]
-fn account(decision: &Decision, parsed: Option<&Parsed>, hook: u8, now_ns: u64) -> bool {
+fn account(
+    config: &Config,
+    decision: &Decision,
+    parsed: Option<&Parsed>,
+    hook: u8,
+    now_ns: u64,
+) -> bool {
     bump(decision.counter_index());
-    if !decision.reason.passes() {
-        if let Some(parsed) = parsed {
+    if let Some(parsed) = parsed {
+        let new_flow = decision.new_flow && config.flags & CONFIG_REPORT_NEW_FLOWS != 0;
+        if !decision.reason.passes() || new_flow {
             report(decision, parsed, hook, now_ns);
         }
     }
     decision.passes()
 }
 
+/// Adds a packet from a source no device owns to the inventory.
+#[inline(never)]
+fn remember_unknown(decision: &Decision, parsed: &Parsed, now_ns: u64) {
+    let Parsed::Ip(flow) = parsed else {
+        return;
+    };
+    if decision.device != 0 || !matches!(decision.reason, Reason::UnknownDevice | Reason::Essential)
+    {
+        return;
+    }
+    let key = UnknownKey {
+        addr: flow.src,
+        mac: flow.src_mac,
+        _pad: [0; 2],
+    };
+    match UNKNOWN_SOURCES.get_ptr_mut(&key) {
+        // SAFETY: plain data; a racing CPU can at worst miscount by one.
+        Some(seen) => unsafe {
+            (*seen).last_seen_ns = now_ns;
+            (*seen).packets += 1;
+        },
+        None => {
+            let seen = UnknownSeen {
+                first_seen_ns: now_ns,
+                last_seen_ns: now_ns,
+                packets: 1,
+            };
+            let _ = UNKNOWN_SOURCES.insert(&key, &seen, 0);
+        }
+    }
+}
+
 /// Sends an event for a drop, at most `EVENTS_PER_SOURCE_PER_SECOND` per source (a
 /// device, or an unknown source address); the rest only count as suppressed.
-#[inline(always)]
+#[inline(never)]
 fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
     let mut event = Event {
         ts_ns: now_ns,
@@ -137,13 +203,26 @@ fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
         ..Event::default()
     };
     match parsed {
-        Parsed::Arp { sender_ip, .. } => event.src = *sender_ip,
+        Parsed::Arp {
+            sender_ip,
+            sender_mac,
+        } => {
+            event.src = *sender_ip;
+            event.mac = *sender_mac;
+        }
         Parsed::Ip(flow) => {
             event.src = flow.src;
             event.dst = flow.dst;
             event.sport = flow.sport;
             event.dport = flow.dport;
             event.protocol = flow.protocol;
+            event.mac = flow.src_mac;
+        }
+        Parsed::Fragment(fragment) => {
+            event.src = fragment.src;
+            event.dst = fragment.dst;
+            event.protocol = fragment.protocol;
+            event.mac = fragment.src_mac;
         }
     }
     // Known devices are limited as a whole (by number, in a key no address can have).
@@ -196,10 +275,20 @@ pub fn segward_from_device(ctx: XdpContext) -> u32 {
     let now = now();
     let parsed = parse(&packet);
     let decision = match &parsed {
-        Ok(parsed) => judge_from_device(&MapTables, &config, parsed, now),
+        Ok(parsed) => {
+            let decision = judge_from_device(&MapTables, &config, parsed, now);
+            remember_unknown(&decision, parsed, now);
+            decision
+        }
         Err(reason) => drop_reason(&config, *reason),
     };
-    if account(&decision, parsed.as_ref().ok(), HOOK_FROM_DEVICE, now) {
+    if account(
+        &config,
+        &decision,
+        parsed.as_ref().ok(),
+        HOOK_FROM_DEVICE,
+        now,
+    ) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
@@ -224,7 +313,13 @@ pub fn segward_to_device(ctx: TcContext) -> i32 {
         Ok(parsed) => judge_to_device(&MapTables, &config, parsed, from_device_iface, now),
         Err(reason) => drop_reason(&config, *reason),
     };
-    if account(&decision, parsed.as_ref().ok(), HOOK_TO_DEVICE, now) {
+    if account(
+        &config,
+        &decision,
+        parsed.as_ref().ok(),
+        HOOK_TO_DEVICE,
+        now,
+    ) {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

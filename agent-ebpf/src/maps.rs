@@ -22,10 +22,14 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_DEVICE_IFACES: &str = "DEVICE_IFACES";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
+pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
+pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
 /// Every map, for pinning.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,
+    MAP_FRAGMENTS,
+    MAP_UNKNOWN_SOURCES,
     MAP_CONFIG,
     MAP_ENDPOINTS,
     MAP_ZONES,
@@ -44,6 +48,12 @@ pub const MAX_POLICY_ENTRIES: u32 = 131_072;
 pub const GENERATIONS: u32 = 2;
 /// Tracked flows (LRU: the least recently used are evicted when full).
 pub const MAX_TRACKED_FLOWS: u32 = 65_536;
+/// Fragmented datagrams whose first fragment passed (LRU).
+pub const MAX_TRACKED_DATAGRAMS: u32 = 8_192;
+/// How long the rest of a datagram may follow its first fragment (Linux's `ipfrag_time`).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
+/// Sources seen on device-facing interfaces that no device owns (LRU), for the inventory.
+pub const MAX_UNKNOWN_SOURCES: u32 = 4_096;
 pub const MAX_DEVICE_IFACES: u32 = 256;
 /// Ring buffer for events to the daemon, bytes (a power of two, page aligned).
 pub const EVENTS_BYTES: u32 = 1 << 20;
@@ -123,9 +133,53 @@ pub struct FlowKey {
 pub struct FlowEntry {
     /// `bpf_ktime_get_ns` of the last packet that refreshed it.
     pub last_seen_ns: u64,
-    /// The device the flow belongs to (for quarantine cuts).
+    /// The device that opened the flow, or the device it was opened to (for quarantine cuts).
+    pub device: u32,
+    /// `FLOW_*` flags.
+    pub flags: u32,
+}
+
+/// The flow was opened by a quarantined device under the Quarantine rules: the only kind
+/// of tracked flow a quarantined device keeps.
+pub const FLOW_QUARANTINED: u32 = 1;
+
+/// A fragmented datagram, as every fragment of it carries it (IPv4 ids are widened).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatagramKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A datagram whose first fragment passed: its other fragments pass too, for a while.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatagramEntry {
+    pub first_seen_ns: u64,
+    /// The device that sent or receives it.
     pub device: u32,
     pub _pad: u32,
+}
+
+/// A source address (with the MAC it came from) that no device owns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnknownKey {
+    pub addr: Addr,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// What the inventory knows of an unknown source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnknownSeen {
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
 }
 
 /// A drop (or an audited would-be drop) worth telling the daemon about.
@@ -146,7 +200,9 @@ pub struct Event {
     pub hook: u8,
     /// The device the packet came from or went to (0: none).
     pub device: u32,
-    pub _pad: u32,
+    /// The frame's source MAC.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 6],
 }
 
 pub const HOOK_FROM_DEVICE: u8 = 0;
@@ -163,6 +219,8 @@ pub struct EventRate {
 
 /// Whole agent in audit mode: would-be drops pass and are counted.
 pub const CONFIG_AUDIT: u8 = 1;
+/// Report each new flow a device opens (event reason `allowed`), for the fan-out trigger.
+pub const CONFIG_REPORT_NEW_FLOWS: u8 = 2;
 
 /// Key of `ENDPOINTS` (exact addresses) and data part of the `ZONES` LPM key.
 #[repr(C)]
@@ -198,6 +256,12 @@ pub struct Endpoint {
 pub const ENDPOINT_DEVICE: u8 = 1;
 /// The device's MAC is pinned: a different source MAC is a spoof.
 pub const ENDPOINT_CHECK_MAC: u8 = 2;
+/// The device is quarantined: its `segment` is a Quarantine segment and its `identity`
+/// is [`crate::verdict::IDENTITY_QUARANTINED`], which no policy entry grants.
+pub const ENDPOINT_QUARANTINED: u8 = 4;
+/// The device's segment is in audit mode (copied here so that drops decided before the
+/// segment is looked up, such as spoofs, are audited too).
+pub const ENDPOINT_AUDIT: u8 = 8;
 
 /// Value of the `ZONES` LPM trie: the identity of every address inside the prefix that is
 /// not an endpoint. Userspace gives each prefix the identity of the *set* of zones/CIDRs
@@ -278,7 +342,11 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<FlowEntry>() == 16);
-    assert!(core::mem::size_of::<Event>() == 56);
+    assert!(core::mem::size_of::<Event>() == 64);
+    assert!(core::mem::size_of::<DatagramKey>() == 40);
+    assert!(core::mem::size_of::<DatagramEntry>() == 16);
+    assert!(core::mem::size_of::<UnknownKey>() == 24);
+    assert!(core::mem::size_of::<UnknownSeen>() == 24);
     assert!(core::mem::size_of::<EventRate>() == 16);
     assert!(core::mem::size_of::<AddrKey>() == 20);
     assert!(core::mem::size_of::<Endpoint>() == 20);
@@ -307,4 +375,8 @@ mod pod {
     unsafe impl aya::Pod for SegmentPolicy {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for DatagramKey {}
+    unsafe impl aya::Pod for DatagramEntry {}
+    unsafe impl aya::Pod for UnknownKey {}
+    unsafe impl aya::Pod for UnknownSeen {}
 }

@@ -8,7 +8,9 @@ use core::marker::PhantomData;
 
 use crate::{
     maps::{v4_mapped, Addr},
-    verdict::{Flow, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+    verdict::{
+        Flow, Fragment, Reason, Related, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    },
 };
 
 const ETH_HLEN: usize = 14;
@@ -29,9 +31,11 @@ pub enum Parsed {
         sender_mac: [u8; 6],
     },
     Ip(Flow),
+    /// A fragment other than the first: no L4 header to judge by.
+    Fragment(Fragment),
 }
 
-/// Parses a frame; `Err` is the drop reason (malformed, non-IP, fragment).
+/// Parses a frame; `Err` is the drop reason (malformed, non-IP).
 #[inline(always)]
 pub fn parse(packet: &Packet) -> Result<Parsed, Reason> {
     let eth: [u8; ETH_HLEN] = packet.read(0)?;
@@ -45,8 +49,8 @@ pub fn parse(packet: &Packet) -> Result<Parsed, Reason> {
     }
     match ethertype {
         ETH_P_ARP => parse_arp(packet, offset),
-        ETH_P_IP => parse_ipv4(packet, offset, src_mac).map(Parsed::Ip),
-        ETH_P_IPV6 => parse_ipv6(packet, offset, src_mac).map(Parsed::Ip),
+        ETH_P_IP => parse_ipv4(packet, offset, src_mac),
+        ETH_P_IPV6 => parse_ipv6(packet, offset, src_mac),
         _ => Err(Reason::NonIp),
     }
 }
@@ -65,43 +69,63 @@ fn parse_arp(packet: &Packet, offset: usize) -> Result<Parsed, Reason> {
 }
 
 #[inline(always)]
-fn parse_ipv4(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, Reason> {
+fn parse_ipv4(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Parsed, Reason> {
     let ip: [u8; 20] = packet.read(offset)?;
-    let header_len = ((ip[0] & 0x0f) as usize) * 4;
-    if ip[0] >> 4 != 4 || header_len < 20 {
-        return Err(Reason::Malformed);
-    }
+    let header_len = ipv4_header_len(&ip)?;
     // The whole header, options included, must be there.
     packet.check(offset, header_len)?;
     if (u16::from_be_bytes([ip[2], ip[3]]) as usize) < header_len {
         return Err(Reason::Malformed);
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-        // No L4 header to judge; tracked flows' fragments come with conntrack.
-        return Err(Reason::Fragment);
+    let src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
+    let dst = v4_mapped([ip[16], ip[17], ip[18], ip[19]]);
+    let datagram_id = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]);
+    if fragment & 0x1fff != 0 {
+        return Ok(Parsed::Fragment(Fragment {
+            src,
+            dst,
+            src_mac,
+            protocol: ip[9],
+            datagram_id,
+        }));
     }
     let mut flow = Flow {
-        src: v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
-        dst: v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
+        src,
+        dst,
         src_mac,
         protocol: ip[9],
-        icmp_type: 0,
-        sport: 0,
-        dport: 0,
+        first_fragment: fragment & IPV4_MORE_FRAGMENTS != 0,
+        datagram_id,
+        ..Flow::default()
     };
     parse_l4(packet, offset + header_len, &mut flow)?;
-    Ok(flow)
+    Ok(Parsed::Ip(flow))
+}
+
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+
+/// The IPv4 header length from the version/IHL octet; a bad version or IHL is malformed.
+#[inline(always)]
+fn ipv4_header_len(ip: &[u8; 20]) -> Result<usize, Reason> {
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    if ip[0] >> 4 != 4 || header_len < 20 {
+        return Err(Reason::Malformed);
+    }
+    Ok(header_len)
 }
 
 #[inline(always)]
-fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, Reason> {
-    let ip: [u8; 40] = packet.read(offset)?;
-    if ip[0] >> 4 != 6 {
+fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Parsed, Reason> {
+    let (head, src, dst) = read_ipv6_header(packet, offset)?;
+    if head[0] >> 4 != 6 {
         return Err(Reason::Malformed);
     }
-    let mut next_header = ip[6];
+    let mut next_header = head[6];
     let mut l4 = offset + 40;
     let mut walked = 0;
+    let mut first_fragment = false;
+    let mut datagram_id = 0;
     loop {
         let header_len = match next_header {
             0 | 43 | 44 | 51 | 60 if walked == MAX_IPV6_EXT_HEADERS => {
@@ -120,10 +144,20 @@ fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, 
                 (ext[1] as usize + 2) * 4
             }
             44 => {
-                let frag: [u8; 4] = packet.read(l4)?;
-                if u16::from_be_bytes([frag[2], frag[3]]) & 0xfff8 != 0 {
-                    return Err(Reason::Fragment);
+                let frag: [u8; 8] = packet.read(l4)?;
+                datagram_id = u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]);
+                let offset_and_more = u16::from_be_bytes([frag[2], frag[3]]);
+                if offset_and_more & 0xfff8 != 0 {
+                    return Ok(Parsed::Fragment(Fragment {
+                        src,
+                        dst,
+                        src_mac,
+                        protocol: frag[0],
+                        datagram_id,
+                    }));
                 }
+                // Offset 0 without "more fragments" is an atomic fragment: a whole datagram.
+                first_fragment = offset_and_more & 1 != 0;
                 next_header = frag[0];
                 8
             }
@@ -132,21 +166,29 @@ fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Flow, 
         l4 += header_len;
         walked += 1;
     }
-    let mut src: Addr = [0; 16];
-    let mut dst: Addr = [0; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
     let mut flow = Flow {
         src,
         dst,
         src_mac,
         protocol: next_header,
-        icmp_type: 0,
-        sport: 0,
-        dport: 0,
+        first_fragment,
+        datagram_id,
+        ..Flow::default()
     };
     parse_l4(packet, l4, &mut flow)?;
-    Ok(flow)
+    Ok(Parsed::Ip(flow))
+}
+
+/// The fixed IPv6 header: its first 8 octets, the source and the destination, read in
+/// place (one 40-octet copy would cost the stack another 40 bytes).
+#[inline(always)]
+fn read_ipv6_header(packet: &Packet, offset: usize) -> Result<([u8; 8], Addr, Addr), Reason> {
+    packet.check(offset, 40)?;
+    Ok((
+        packet.read(offset)?,
+        packet.read(offset + 8)?,
+        packet.read(offset + 24)?,
+    ))
 }
 
 /// Ports or ICMP type; a header too short for its protocol is malformed.
@@ -167,12 +209,69 @@ fn parse_l4(packet: &Packet, offset: usize, flow: &mut Flow) -> Result<(), Reaso
             let id: [u8; 6] = packet.read(offset + 2)?;
             flow.sport = u16::from_be_bytes([id[2], id[3]]);
             flow.dport = flow.sport;
+        } else if is_icmp_error(flow.protocol, head[0]) {
+            parse_related(packet, offset + 8, flow);
         }
     } else {
         flow.sport = u16::from_be_bytes([head[0], head[1]]);
         flow.dport = u16::from_be_bytes([head[2], head[3]]);
     }
     Ok(())
+}
+
+/// Destination unreachable, time exceeded and parameter problem (ICMP and ICMPv6), and
+/// packet too big (ICMPv6): the errors that carry the packet they are about.
+#[inline(always)]
+pub const fn is_icmp_error(protocol: u8, icmp_type: u8) -> bool {
+    matches!(
+        (protocol, icmp_type),
+        (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4)
+    )
+}
+
+/// The packet an ICMP error quotes, at `offset` (its IP header and the first 8 octets of
+/// its payload), into `error.related`. Its source is not read: the error's destination
+/// is taken as the quoted packet's sender, so a forged source quotes nothing more than a
+/// flow of the error's own recipient. Left `None` when it cannot be read or is of the
+/// other family; the error is then judged as a flow of its own. Not inlined: its reads
+/// stay off the hooks' stack frames.
+#[inline(never)]
+fn parse_related(packet: &Packet, offset: usize, error: &mut Flow) -> Option<()> {
+    let (dst, protocol, l4) = if error.protocol == PROTO_ICMP {
+        let ip: [u8; 20] = packet.read(offset).ok()?;
+        let header_len = ipv4_header_len(&ip).ok()?;
+        (
+            v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
+            ip[9],
+            offset + header_len,
+        )
+    } else {
+        // Quoted extension headers are not walked: such an error is judged on its own.
+        let head: [u8; 8] = packet.read(offset).ok()?;
+        if head[0] >> 4 != 6 {
+            return None;
+        }
+        (packet.read(offset + 24).ok()?, head[6], offset + 40)
+    };
+    let head: [u8; 8] = packet.read(l4).ok()?;
+    let (sport, dport) = match protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => (
+            u16::from_be_bytes([head[0], head[1]]),
+            u16::from_be_bytes([head[2], head[3]]),
+        ),
+        PROTO_ICMP | PROTO_ICMPV6 if is_echo(protocol, head[0]) => {
+            let id = u16::from_be_bytes([head[4], head[5]]);
+            (id, id)
+        }
+        _ => return None,
+    };
+    error.related = Some(Related {
+        dst,
+        sport,
+        dport,
+        protocol,
+    });
+    Some(())
 }
 
 /// ICMP echo request/reply, ICMPv6 echo request/reply.

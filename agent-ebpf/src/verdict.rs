@@ -8,9 +8,10 @@
 
 use crate::{
     maps::{
-        mask_port, Addr, AddrKey, Config, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue,
-        SegmentKey, SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS, CONFIG_AUDIT, DIR_ACCEPT,
-        DIR_ALLOW, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, PROTO_ANY, SEGMENT_AUDIT,
+        mask_port, Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS,
+        CONFIG_AUDIT, DIR_ACCEPT, DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE,
+        ENDPOINT_QUARANTINED, FLOW_QUARANTINED, FRAGMENT_TIMEOUT_NS, PROTO_ANY, SEGMENT_AUDIT,
     },
     parse::Parsed,
 };
@@ -23,6 +24,9 @@ pub const PROTO_SCTP: u8 = 132;
 
 /// Identity of addresses that belong to no endpoint and no zone; no policy entry has it.
 pub const IDENTITY_WORLD: u32 = 0;
+/// Identity of a quarantined device's addresses: no policy entry grants it, so nothing may
+/// open a flow to the device (SPEC §2 rule 3).
+pub const IDENTITY_QUARANTINED: u32 = u32::MAX;
 
 /// The lookups the decision needs. Values are returned by copy: they are small, and the
 /// kernel must not hold references into maps across other calls.
@@ -34,8 +38,15 @@ pub trait Tables {
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
     /// The tracked flow whose replies look like `key`.
     fn tracked(&self, key: &FlowKey) -> Option<FlowEntry>;
-    /// Tracks (or refreshes) a flow whose replies will look like `key`.
+    /// Tracks a flow whose replies will look like `key`.
     fn track(&self, key: &FlowKey, entry: &FlowEntry);
+    /// Marks the tracked flow `key` as seen at `now_ns`, in place: an entry removed in the
+    /// meantime (a quarantine cut) must stay removed.
+    fn refresh(&self, key: &FlowKey, now_ns: u64);
+    /// The fragmented datagram `key`, if its first fragment passed.
+    fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry>;
+    /// Lets the other fragments of datagram `key` pass.
+    fn track_datagram(&self, key: &DatagramKey, entry: &DatagramEntry);
 }
 
 /// The L3/L4 facts of an IP packet that the decision uses. Ports are host order; for
@@ -50,6 +61,43 @@ pub struct Flow {
     pub icmp_type: u8,
     pub sport: u16,
     pub dport: u16,
+    /// The first fragment of a fragmented datagram (`datagram_id` names the datagram).
+    pub first_fragment: bool,
+    pub datagram_id: u32,
+    /// For an ICMP error, the packet it is about.
+    pub related: Option<Related>,
+}
+
+/// The packet an ICMP error quotes: sent by the error's destination to `dst`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Related {
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+}
+
+/// A fragment other than the first of a datagram.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fragment {
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_mac: [u8; 6],
+    pub protocol: u8,
+    pub datagram_id: u32,
+}
+
+impl Fragment {
+    #[inline(always)]
+    fn datagram(&self) -> DatagramKey {
+        DatagramKey {
+            src: self.src,
+            dst: self.dst,
+            id: self.datagram_id,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Why a packet passed or was dropped; the index of its counter.
@@ -71,14 +119,18 @@ pub enum Reason {
     Malformed = 5,
     /// An ethertype other than IPv4, IPv6 and ARP.
     NonIp = 6,
-    /// A non-first IPv4 fragment (or an IPv6 fragment) of an untracked flow.
+    /// A non-first IPv4 or IPv6 fragment of a datagram whose first fragment did not pass.
     Fragment = 7,
-    /// A packet of a tracked flow, in either direction.
+    /// A packet of a tracked flow in either direction, an ICMP error about one, or a
+    /// further fragment of a datagram whose first fragment passed.
     Reply = 8,
+    /// A quarantined device opened a flow the Quarantine rules do not allow, or something
+    /// tried to open a flow to a quarantined device.
+    Quarantined = 9,
 }
 
 /// Number of [`Reason`]s; counters are indexed `reason + REASON_COUNT * audited`.
-pub const REASON_COUNT: u32 = 9;
+pub const REASON_COUNT: u32 = 10;
 /// Slots of the `COUNTERS` array: enforced and audited per reason, then suppressed events.
 pub const COUNTER_SLOTS: u32 = REASON_COUNT * 2 + 1;
 /// The counter of events dropped by the per-source rate limit.
@@ -95,6 +147,7 @@ impl Reason {
         Reason::NonIp,
         Reason::Fragment,
         Reason::Reply,
+        Reason::Quarantined,
     ];
 
     #[inline(always)]
@@ -104,7 +157,7 @@ impl Reason {
 
     pub const fn from_number(n: u8) -> Option<Reason> {
         match n {
-            0..=8 => Some(Reason::ALL[n as usize]),
+            0..=9 => Some(Reason::ALL[n as usize]),
             _ => None,
         }
     }
@@ -120,6 +173,7 @@ impl Reason {
             Reason::NonIp => "non_ip",
             Reason::Fragment => "fragment",
             Reason::Reply => "reply",
+            Reason::Quarantined => "quarantined",
         }
     }
 }
@@ -134,6 +188,8 @@ pub struct Decision {
     pub rule: u32,
     /// The source device (0 when unknown).
     pub device: u32,
+    /// The packet opened a flow that is now tracked.
+    pub new_flow: bool,
 }
 
 impl Decision {
@@ -144,6 +200,7 @@ impl Decision {
             audited: false,
             rule: 0,
             device: 0,
+            new_flow: false,
         }
     }
 
@@ -179,15 +236,12 @@ fn judge_arp<T: Tables>(
 ) -> Decision {
     let key = addr_key(config, sender_ip);
     match tables.endpoint(&key) {
-        Some(owner) if is_spoofed(&owner, sender_mac) => Decision {
-            device: owner.device,
-            ..drop_reason(config, Reason::Spoof)
-        },
+        Some(owner) if is_spoofed(&owner, sender_mac) => device_drop(config, &owner, Reason::Spoof),
         _ => Decision::new(Reason::Essential),
     }
 }
 
-/// A frame from a device (XDP ingress on a device-facing interface): SPEC §2 rules 1-6.
+/// A frame from a device (XDP ingress on a device-facing interface): SPEC §2 rules 1-7.
 #[inline(always)]
 pub fn judge_from_device<T: Tables>(
     tables: &T,
@@ -195,34 +249,44 @@ pub fn judge_from_device<T: Tables>(
     packet: &Parsed,
     now_ns: u64,
 ) -> Decision {
-    let flow = match packet {
+    let (src, src_mac) = match packet {
         Parsed::Arp {
             sender_ip,
             sender_mac,
         } => return judge_arp(tables, config, sender_ip, sender_mac),
-        Parsed::Ip(flow) => flow,
+        Parsed::Ip(flow) => (&flow.src, &flow.src_mac),
+        Parsed::Fragment(fragment) => (&fragment.src, &fragment.src_mac),
     };
-    let source = match tables.endpoint(&addr_key(config, &flow.src)) {
+    let source = match tables.endpoint(&addr_key(config, src)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
-        _ if is_essential(flow) => return Decision::new(Reason::Essential),
+        _ if matches!(packet, Parsed::Ip(flow) if is_essential(flow)) => {
+            return Decision::new(Reason::Essential);
+        }
         _ => return drop_reason(config, Reason::UnknownDevice),
     };
-    let decided = |mut d: Decision| {
-        d.device = source.device;
-        d
+    if is_spoofed(&source, src_mac) {
+        return device_drop(config, &source, Reason::Spoof);
+    }
+    let flow = match packet {
+        Parsed::Ip(flow) => flow,
+        Parsed::Fragment(fragment) => {
+            return judge_fragment(tables, config, fragment, &source, now_ns);
+        }
+        Parsed::Arp { .. } => return Decision::new(Reason::Essential),
     };
-    if is_spoofed(&source, &flow.src_mac) {
-        return decided(drop_reason(config, Reason::Spoof));
-    }
+    let passed = |reason| Decision {
+        device: source.device,
+        ..Decision::new(reason)
+    };
     if is_essential(flow) {
-        return decided(Decision::new(Reason::Essential));
+        return passed(Reason::Essential);
     }
-    if is_tracked(tables, config, flow, now_ns) {
-        return decided(Decision::new(Reason::Reply));
+    if continues_tracked(tables, config, flow, &source, now_ns) {
+        return passed(Reason::Reply);
     }
     let generation = config.generation & 1;
     let Some(segment) = tables.segment(&segment_key(generation, source.segment)) else {
-        return decided(drop_reason(config, Reason::DefaultDeny));
+        return device_drop(config, &source, Reason::DefaultDeny);
     };
     let key = PolicyKey {
         generation,
@@ -233,11 +297,17 @@ pub fn judge_from_device<T: Tables>(
         port: 0,
         identity: address_identity(tables, config, &flow.dst),
     };
-    let decision = judge_new_flow(tables, config, key, flow.dport, &segment);
+    let deny_reason = if is_quarantined(&source) || key.identity == IDENTITY_QUARANTINED {
+        Reason::Quarantined
+    } else {
+        Reason::DefaultDeny
+    };
+    let mut decision = judge_new_flow(tables, config, key, flow.dport, &segment, deny_reason);
     if decision.passes() {
-        track_replies(tables, flow, source.device, now_ns);
+        decision.new_flow = track_replies(tables, config, flow, &source, now_ns);
     }
-    decided(decision)
+    decision.device = source.device;
+    decision
 }
 
 /// A frame towards a device (tc egress on a device-facing interface). Frames that came in
@@ -252,32 +322,45 @@ pub fn judge_to_device<T: Tables>(
     from_device_iface: bool,
     now_ns: u64,
 ) -> Decision {
-    let flow = match packet {
+    let dst = match packet {
         // The gateway's own ARP; devices' ARP was judged on ingress.
         Parsed::Arp { .. } => return Decision::new(Reason::Essential),
-        Parsed::Ip(flow) => flow,
+        Parsed::Ip(flow) => &flow.dst,
+        Parsed::Fragment(fragment) => &fragment.dst,
     };
-    let destination = match tables.endpoint(&addr_key(config, &flow.dst)) {
+    let destination = match tables.endpoint(&addr_key(config, dst)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
-        _ if is_essential_reply(flow) => return Decision::new(Reason::Essential),
+        _ if matches!(packet, Parsed::Ip(flow) if is_essential_reply(flow)) => {
+            return Decision::new(Reason::Essential);
+        }
         _ => return drop_reason(config, Reason::DefaultDeny),
     };
-    let decided = |mut d: Decision| {
-        d.device = destination.device;
-        d
+    let passed = |reason| Decision {
+        device: destination.device,
+        ..Decision::new(reason)
     };
     if from_device_iface {
-        return decided(Decision::new(Reason::Allowed));
+        return passed(Reason::Allowed);
     }
+    let flow = match packet {
+        Parsed::Ip(flow) => flow,
+        Parsed::Fragment(fragment) => {
+            return judge_fragment(tables, config, fragment, &destination, now_ns);
+        }
+        Parsed::Arp { .. } => return Decision::new(Reason::Essential),
+    };
     if is_essential_reply(flow) {
-        return decided(Decision::new(Reason::Essential));
+        return passed(Reason::Essential);
     }
-    if is_tracked(tables, config, flow, now_ns) {
-        return decided(Decision::new(Reason::Reply));
+    if continues_tracked(tables, config, flow, &destination, now_ns) {
+        return passed(Reason::Reply);
+    }
+    if is_quarantined(&destination) {
+        return device_drop(config, &destination, Reason::Quarantined);
     }
     let generation = config.generation & 1;
     let Some(segment) = tables.segment(&segment_key(generation, destination.segment)) else {
-        return decided(drop_reason(config, Reason::DefaultDeny));
+        return device_drop(config, &destination, Reason::DefaultDeny);
     };
     let key = PolicyKey {
         generation,
@@ -288,11 +371,47 @@ pub fn judge_to_device<T: Tables>(
         port: 0,
         identity: address_identity(tables, config, &flow.src),
     };
-    let decision = judge_new_flow(tables, config, key, flow.dport, &segment);
+    let mut decision = judge_new_flow(
+        tables,
+        config,
+        key,
+        flow.dport,
+        &segment,
+        Reason::DefaultDeny,
+    );
     if decision.passes() {
-        track_replies(tables, flow, destination.device, now_ns);
+        decision.new_flow = track_replies(tables, config, flow, &destination, now_ns);
     }
-    decided(decision)
+    decision.device = destination.device;
+    decision
+}
+
+/// A drop of a packet from or to `device`, audited when the agent or the device's segment
+/// is in audit mode.
+#[inline(always)]
+fn device_drop(config: &Config, device: &Endpoint, reason: Reason) -> Decision {
+    let mut d = drop_reason(config, reason);
+    d.audited |= device.flags & ENDPOINT_AUDIT != 0;
+    d.device = device.device;
+    d
+}
+
+/// A non-first fragment from or to `device`: it passes if its datagram's first fragment did.
+#[inline(always)]
+fn judge_fragment<T: Tables>(
+    tables: &T,
+    config: &Config,
+    fragment: &Fragment,
+    device: &Endpoint,
+    now_ns: u64,
+) -> Decision {
+    match tables.datagram(&fragment.datagram()) {
+        Some(d) if now_ns.saturating_sub(d.first_seen_ns) < FRAGMENT_TIMEOUT_NS => Decision {
+            device: device.device,
+            ..Decision::new(Reason::Reply)
+        },
+        _ => device_drop(config, device, Reason::Fragment),
+    }
 }
 
 /// A new flow against the segment's policy entries (`key` has everything but the port).
@@ -303,6 +422,7 @@ fn judge_new_flow<T: Tables>(
     key: PolicyKey,
     port: u16,
     segment: &SegmentPolicy,
+    deny_reason: Reason,
 ) -> Decision {
     let prefixes = if key.direction == DIR_ALLOW {
         segment.allow_port_prefixes
@@ -315,41 +435,122 @@ fn judge_new_flow<T: Tables>(
             ..Decision::new(Reason::Allowed)
         },
         None => {
-            let mut d = drop_reason(config, Reason::DefaultDeny);
+            let mut d = drop_reason(config, deny_reason);
             d.audited |= segment.flags & SEGMENT_AUDIT != 0;
             d
         }
     }
 }
 
-/// Is `flow` a reply of a tracked flow that has not been idle past its timeout?
 #[inline(always)]
-fn is_tracked<T: Tables>(tables: &T, config: &Config, flow: &Flow, now_ns: u64) -> bool {
-    let key = flow_key(flow);
-    match tables.tracked(&key) {
-        Some(entry) => {
-            let idle = now_ns.saturating_sub(entry.last_seen_ns);
-            if idle >= timeout_ns(config, flow.protocol) {
-                return false;
-            }
-            if idle > REFRESH_NS {
-                tables.track(
-                    &key,
-                    &FlowEntry {
-                        last_seen_ns: now_ns,
-                        ..entry
-                    },
-                );
-            }
-            true
-        }
-        None => false,
-    }
+fn is_quarantined(device: &Endpoint) -> bool {
+    device.flags & ENDPOINT_QUARANTINED != 0
 }
 
-/// Remembers an allowed flow so that its replies pass.
+/// Does `flow`, from or to `device`, continue a tracked flow: a reply of it, or an ICMP
+/// error about one of its packets? A quarantined device keeps only the flows it opened
+/// under the Quarantine rules.
 #[inline(always)]
-fn track_replies<T: Tables>(tables: &T, flow: &Flow, device: u32, now_ns: u64) {
+fn continues_tracked<T: Tables>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    device: &Endpoint,
+    now_ns: u64,
+) -> bool {
+    let required = if is_quarantined(device) {
+        FLOW_QUARANTINED
+    } else {
+        0
+    };
+    if let Some(related) = &flow.related {
+        return related_to_tracked(tables, config, flow, related, required, now_ns);
+    }
+    let key = flow_key(flow);
+    let Some(entry) = tables.tracked(&key) else {
+        return false;
+    };
+    let idle = now_ns.saturating_sub(entry.last_seen_ns);
+    if idle >= timeout_ns(config, flow.protocol) || entry.flags & required != required {
+        return false;
+    }
+    // Timeouts count in seconds: refreshing more often than once a second is waste.
+    if idle > REFRESH_NS {
+        tables.refresh(&key, now_ns);
+    }
+    true
+}
+
+/// Is the ICMP error `flow` about a packet of a live tracked flow with `required` flags?
+/// The quoted packet went from `flow.dst` to `related.dst`: it was either a reply of a
+/// tracked flow, or opened one (whose replies are its reverse). Errors do not keep a flow
+/// alive. Not inlined: it keeps its keys off the hooks' stack frames.
+#[inline(never)]
+fn related_to_tracked<T: Tables>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    related: &Related,
+    required: u32,
+    now_ns: u64,
+) -> bool {
+    let live = |key: &FlowKey| match tables.tracked(key) {
+        Some(entry) => {
+            now_ns.saturating_sub(entry.last_seen_ns) < timeout_ns(config, key.protocol)
+                && entry.flags & required == required
+        }
+        None => false,
+    };
+    let mut key = FlowKey {
+        src: flow.dst,
+        dst: related.dst,
+        sport: related.sport,
+        dport: related.dport,
+        protocol: related.protocol,
+        _pad: [0; 3],
+    };
+    if live(&key) {
+        return true;
+    }
+    key = FlowKey {
+        src: related.dst,
+        dst: flow.dst,
+        sport: related.dport,
+        dport: related.sport,
+        protocol: related.protocol,
+        _pad: [0; 3],
+    };
+    live(&key)
+}
+
+/// Remembers an allowed flow of `device` so that its replies pass (and, for the first
+/// fragment of a datagram, the datagram's other fragments); true if the flow is new. Not
+/// inlined: it runs once per new flow, and keeps its keys off the hooks' stack frames.
+#[inline(never)]
+fn track_replies<T: Tables>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    device: &Endpoint,
+    now_ns: u64,
+) -> bool {
+    if flow.first_fragment {
+        let datagram = DatagramKey {
+            src: flow.src,
+            dst: flow.dst,
+            id: flow.datagram_id,
+            protocol: flow.protocol,
+            _pad: [0; 3],
+        };
+        tables.track_datagram(
+            &datagram,
+            &DatagramEntry {
+                first_seen_ns: now_ns,
+                device: device.device,
+                _pad: 0,
+            },
+        );
+    }
     let reply = FlowKey {
         src: flow.dst,
         dst: flow.src,
@@ -358,19 +559,29 @@ fn track_replies<T: Tables>(tables: &T, flow: &Flow, device: u32, now_ns: u64) {
         protocol: flow.protocol,
         _pad: [0; 3],
     };
+    let flags = if is_quarantined(device) {
+        FLOW_QUARANTINED
+    } else {
+        0
+    };
     if let Some(entry) = tables.tracked(&reply) {
-        if entry.device == device && now_ns.saturating_sub(entry.last_seen_ns) <= REFRESH_NS {
-            return;
+        if entry.device == device.device && entry.flags == flags {
+            let idle = now_ns.saturating_sub(entry.last_seen_ns);
+            if idle > REFRESH_NS {
+                tables.refresh(&reply, now_ns);
+            }
+            return idle >= timeout_ns(config, flow.protocol);
         }
     }
     tables.track(
         &reply,
         &FlowEntry {
             last_seen_ns: now_ns,
-            device,
-            _pad: 0,
+            device: device.device,
+            flags,
         },
     );
+    true
 }
 
 /// Tracked flows are refreshed at most once a second, from either direction: a map write

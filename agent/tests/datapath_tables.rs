@@ -743,6 +743,7 @@ fn frames_are_real() {
                     hex(&sender_mac)
                 )
             }
+            Ok(Parsed::Fragment(f)) => format!("fragment {}", f.datagram_id),
             Err(reason) => format!("error {reason:?}"),
         };
         assert_eq!(ours, theirs, "{frame:?}\n{}", hex(&bytes));

@@ -15,12 +15,13 @@ use std::{
 
 use agent_ebpf::{
     maps::{
-        mask_port, Addr, AddrKey, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey,
-        SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS, DIR_ACCEPT, DIR_ALLOW,
-        ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
-        MAX_ZONE_PREFIXES, PROTO_ANY, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
+        mask_port, Addr, AddrKey, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS,
+        DIR_ACCEPT, DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE,
+        ENDPOINT_QUARANTINED, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_ZONE_PREFIXES,
+        PROTO_ANY, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
     },
-    verdict::{Tables, IDENTITY_WORLD},
+    verdict::{Tables, IDENTITY_QUARANTINED, IDENTITY_WORLD},
 };
 use ipnet::{IpNet, Ipv6Net};
 
@@ -68,6 +69,20 @@ impl CompiledPolicy {
     }
 }
 
+/// What the daemon knows beyond the policy files, compiled in with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Addresses learned at run time (DHCP leases, `segward bind`), by device id. An
+    /// address that the policy binds statically to another device is not used.
+    pub learned: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Quarantined devices (SPEC §2 rule 3).
+    pub quarantined: BTreeSet<String>,
+}
+
+/// Name of the Quarantine's segments in [`CompiledPolicy::segment_names`]: one for
+/// devices of enforcing segments, one (audited) for devices of audit-mode segments.
+pub const QUARANTINE_SEGMENT_NAME: &str = "quarantine";
+
 /// An address as the datapath stores it.
 pub fn addr_octets(ip: IpAddr) -> Addr {
     match ip {
@@ -106,6 +121,15 @@ enum Class {
 
 /// Compiles `policy` for a gateway whose own addresses are `gateway_addrs`.
 pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPolicy, CompileError> {
+    compile_with(policy, gateway_addrs, &DeviceState::default())
+}
+
+/// Compiles `policy` with the learned addresses and quarantines of `state`.
+pub fn compile_with(
+    policy: &Policy,
+    gateway_addrs: &[IpAddr],
+    state: &DeviceState,
+) -> Result<CompiledPolicy, CompileError> {
     let segment_index: HashMap<&str, usize> = policy
         .segments
         .iter()
@@ -196,6 +220,29 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
             });
         }
     }
+    // The Quarantine's rules, once per quarantine segment (enforcing, then audited).
+    let quarantine_segment = policy.segments.len();
+    for rule in policy.quarantine.iter().flat_map(|q| &q.allow) {
+        out.rules.push(RuleRef {
+            location: rule.location.clone(),
+            segment: QUARANTINE_SEGMENT_NAME.into(),
+            direction: DIR_ALLOW,
+            text: format!(
+                "to: {} ports: [{}]",
+                target_text(&rule.to),
+                ports_text(&rule.ports)
+            ),
+        });
+        for segment in [quarantine_segment, quarantine_segment + 1] {
+            grants.push(Grant {
+                segment,
+                direction: DIR_ALLOW,
+                peer: classes_of_target(&rule.to),
+                ports: &rule.ports,
+                rule: out.rules.len() as u32,
+            });
+        }
+    }
     let targeted: BTreeSet<Class> = grants.iter().flat_map(|g| g.peer.iter().cloned()).collect();
     let targeted_cidrs: Vec<IpNet> = targeted
         .iter()
@@ -212,35 +259,71 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
             .collect()
     };
 
+    let statically_bound: HashMap<IpAddr, &str> = policy
+        .segments
+        .iter()
+        .flat_map(|s| &s.devices)
+        .flat_map(|d| {
+            d.addresses
+                .iter()
+                .map(|ip| (ip.to_canonical(), d.id.as_str()))
+        })
+        .collect();
     let mut identities = Identities::default();
     let mut device_number = 0u32;
     for (s, segment) in policy.segments.iter().enumerate() {
         out.segment_names.push(segment.name.clone());
+        let audit = segment.mode == Mode::Audit;
         for device in &segment.devices {
             device_number += 1;
             out.device_ids.push(device.id.clone());
-            for ip in device.addresses.iter().map(IpAddr::to_canonical) {
-                let mut classes = cidr_classes(&|n| n.contains(&ip));
-                classes.extend([Class::Segment(s), Class::Device(device_number as usize - 1)]);
-                let (flags, mac) = match device.mac {
-                    Some(mac) => (ENDPOINT_DEVICE | ENDPOINT_CHECK_MAC, mac.0),
-                    None => (ENDPOINT_DEVICE, [0; 6]),
+            let learned = state.learned.get(&device.id).into_iter().flatten();
+            let addresses = device.addresses.iter().chain(learned.filter(|ip| {
+                statically_bound
+                    .get(&ip.to_canonical())
+                    .is_none_or(|owner| *owner == device.id)
+            }));
+            let quarantined = state.quarantined.contains(&device.id);
+            let mut flags = ENDPOINT_DEVICE;
+            if device.mac.is_some() {
+                flags |= ENDPOINT_CHECK_MAC;
+            }
+            if audit {
+                flags |= ENDPOINT_AUDIT;
+            }
+            if quarantined {
+                flags |= ENDPOINT_QUARANTINED;
+            }
+            for ip in addresses.map(IpAddr::to_canonical) {
+                let (segment, identity) = if quarantined {
+                    (
+                        quarantine_segment + usize::from(audit),
+                        IDENTITY_QUARANTINED,
+                    )
+                } else {
+                    let mut classes = cidr_classes(&|n| n.contains(&ip));
+                    classes.extend([Class::Segment(s), Class::Device(device_number as usize - 1)]);
+                    (s, identities.intern(classes, &targeted))
                 };
                 out.endpoints.insert(
                     key(addr_octets(ip)),
                     Endpoint {
                         device: device_number,
-                        identity: identities.intern(classes, &targeted),
-                        segment: s as u16,
+                        identity,
+                        segment: segment as u16,
                         flags,
                         _pad: 0,
-                        mac,
+                        mac: device.mac.map_or([0; 6], |m| m.0),
                         _pad2: [0; 2],
                     },
                 );
             }
         }
     }
+    out.segment_names.extend([
+        QUARANTINE_SEGMENT_NAME.to_owned(),
+        QUARANTINE_SEGMENT_NAME.to_owned(),
+    ]);
     for ip in gateway_addrs.iter().map(IpAddr::to_canonical) {
         let mut classes = cidr_classes(&|n| n.contains(&ip));
         classes.push(Class::Gateway);
@@ -279,7 +362,7 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
     }
 
     // Bit n of a segment's mask: some entry of that direction has port prefix length n.
-    let mut port_prefix_masks = vec![(0u32, 0u32); policy.segments.len()];
+    let mut port_prefix_masks = vec![(0u32, 0u32); out.segment_names.len()];
     for grant in &grants {
         for (classes, &identity) in &identities.numbers {
             if !grant.peer.iter().any(|c| classes.contains(c)) {
@@ -314,7 +397,12 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
         }
     }
     name_first_rules(&mut out.policy);
-    for (s, segment) in policy.segments.iter().enumerate() {
+    let audited_segments = policy
+        .segments
+        .iter()
+        .map(|s| s.mode == Mode::Audit)
+        .chain([false, true]);
+    for (s, audit) in audited_segments.enumerate() {
         let (allow_port_prefixes, accept_port_prefixes) = port_prefix_masks[s];
         out.segments.insert(
             SegmentKey {
@@ -325,11 +413,7 @@ pub fn compile(policy: &Policy, gateway_addrs: &[IpAddr]) -> Result<CompiledPoli
             SegmentPolicy {
                 allow_port_prefixes,
                 accept_port_prefixes,
-                flags: if segment.mode == Mode::Audit {
-                    SEGMENT_AUDIT
-                } else {
-                    0
-                },
+                flags: if audit { SEGMENT_AUDIT } else { 0 },
             },
         );
     }
@@ -498,6 +582,14 @@ impl Tables for CompiledPolicy {
     }
 
     fn track(&self, _key: &FlowKey, _entry: &FlowEntry) {}
+
+    fn refresh(&self, _key: &FlowKey, _now_ns: u64) {}
+
+    fn datagram(&self, _key: &DatagramKey) -> Option<DatagramEntry> {
+        None
+    }
+
+    fn track_datagram(&self, _key: &DatagramKey, _entry: &DatagramEntry) {}
 }
 
 #[cfg(test)]

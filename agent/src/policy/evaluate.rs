@@ -1365,6 +1365,7 @@ devices:
                 icmp_type,
                 sport,
                 dport,
+                ..Flow::default()
             })
         }
 

@@ -13,8 +13,8 @@ use std::{
 
 use agent_ebpf::{
     maps::{
-        AddrKey, Config, Endpoint, FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey,
-        SegmentPolicy, ZoneIdentity, CONFIG_AUDIT,
+        AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey, PolicyKey,
+        PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, CONFIG_AUDIT,
     },
     parse::{parse, Packet},
     verdict::{drop_reason, judge_from_device, judge_to_device, Reason, Tables},
@@ -531,6 +531,7 @@ impl Kernel {
 #[derive(Default)]
 pub struct Host {
     flows: RefCell<HashMap<FlowKey, FlowEntry>>,
+    datagrams: RefCell<HashMap<DatagramKey, DatagramEntry>>,
     /// Whole-agent audit mode, as `Datapath::set_audit`.
     pub audit: bool,
 }
@@ -539,6 +540,7 @@ pub struct Host {
 struct HostTables<'a> {
     policy: &'a CompiledPolicy,
     flows: &'a RefCell<HashMap<FlowKey, FlowEntry>>,
+    datagrams: &'a RefCell<HashMap<DatagramKey, DatagramEntry>>,
 }
 
 impl Tables for HostTables<'_> {
@@ -565,6 +567,20 @@ impl Tables for HostTables<'_> {
     fn track(&self, key: &FlowKey, entry: &FlowEntry) {
         self.flows.borrow_mut().insert(*key, *entry);
     }
+
+    fn refresh(&self, key: &FlowKey, now_ns: u64) {
+        if let Some(entry) = self.flows.borrow_mut().get_mut(key) {
+            entry.last_seen_ns = now_ns;
+        }
+    }
+
+    fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry> {
+        self.datagrams.borrow().get(key).copied()
+    }
+
+    fn track_datagram(&self, key: &DatagramKey, entry: &DatagramEntry) {
+        self.datagrams.borrow_mut().insert(*key, *entry);
+    }
 }
 
 impl Host {
@@ -579,6 +595,7 @@ impl Host {
         let tables = HostTables {
             policy,
             flows: &self.flows,
+            datagrams: &self.datagrams,
         };
         // The tests keep each datapath far younger than the shortest conntrack timeout (30 s):
         // nothing expires on either side, so the host needs no clock.
