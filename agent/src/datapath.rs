@@ -9,10 +9,12 @@
 
 use agent_ebpf::{
     maps::{
-        AddrKey, Config, Endpoint, Event, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy,
-        ZoneIdentity, ALL_MAPS, CONFIG_AUDIT, MAP_CONFIG, MAP_COUNTERS, MAP_DEVICE_IFACES,
-        MAP_ENDPOINTS, MAP_EVENTS, MAP_POLICY, MAP_SEGMENTS, MAP_ZONES, PROG_FROM_DEVICE,
-        PROG_TO_DEVICE,
+        Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, FlowEntry, FlowKey,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen,
+        ZoneIdentity, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG,
+        MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS,
+        MAP_FRAGMENTS, MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONES,
+        PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -427,8 +429,79 @@ impl Datapath {
 
     /// Whole-agent audit mode (SPEC §2.6).
     pub fn set_audit(&mut self, audit: bool) -> Result<(), DatapathError> {
-        self.config.flags = if audit { CONFIG_AUDIT } else { 0 };
+        self.set_flag(CONFIG_AUDIT, audit)
+    }
+
+    /// Whether the kernel reports each new flow a device opens (for the fan-out trigger).
+    pub fn set_report_new_flows(&mut self, report: bool) -> Result<(), DatapathError> {
+        self.set_flag(CONFIG_REPORT_NEW_FLOWS, report)
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) -> Result<(), DatapathError> {
+        if on {
+            self.config.flags |= flag;
+        } else {
+            self.config.flags &= !flag;
+        }
         self.write_config()
+    }
+
+    /// Idle timeouts of tracked flows, seconds: TCP/SCTP, UDP, everything else.
+    pub fn set_timeouts(&mut self, tcp: u32, udp: u32, other: u32) -> Result<(), DatapathError> {
+        self.config.timeout_tcp = tcp;
+        self.config.timeout_udp = udp;
+        self.config.timeout_other = other;
+        self.write_config()
+    }
+
+    /// Cuts tracked flows (SPEC §2 rule 3, §2.7): those opened by or to one of `devices`,
+    /// and those with an end at one of `addrs`; also the datagrams of `devices`. Returns
+    /// the number of flows cut.
+    pub fn cut_flows(&mut self, devices: &[u32], addrs: &[Addr]) -> Result<usize, DatapathError> {
+        let mut flows = self.hash::<FlowKey, FlowEntry>(MAP_CONNTRACK)?;
+        let doomed: Vec<FlowKey> = flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                devices.contains(&e.device) || addrs.contains(&k.src) || addrs.contains(&k.dst)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed {
+            // Gone already (expired, evicted) is as good as cut.
+            let _ = flows.remove(key);
+        }
+        let mut datagrams = self.hash::<DatagramKey, DatagramEntry>(MAP_FRAGMENTS)?;
+        let doomed_datagrams: Vec<DatagramKey> = datagrams
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                devices.contains(&e.device) || addrs.contains(&k.src) || addrs.contains(&k.dst)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed_datagrams {
+            let _ = datagrams.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Tracked flows (live or idle but not yet evicted).
+    pub fn tracked_flows(&mut self) -> Result<usize, DatapathError> {
+        Ok(self
+            .hash::<FlowKey, FlowEntry>(MAP_CONNTRACK)?
+            .keys()
+            .filter(Result::is_ok)
+            .count())
+    }
+
+    /// The inventory of sources that no device owns, as the kernel saw them.
+    pub fn unknown_sources(&mut self) -> Result<Vec<(UnknownKey, UnknownSeen)>, DatapathError> {
+        Ok(self
+            .hash::<UnknownKey, UnknownSeen>(MAP_UNKNOWN_SOURCES)?
+            .iter()
+            .filter_map(Result::ok)
+            .collect())
     }
 
     /// Installs `policy` atomically: writes it into the idle generation, flips the live

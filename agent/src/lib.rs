@@ -14,3 +14,4 @@ pub mod datapath;
 pub mod identity;
 pub mod netns;
 pub mod policy;
+pub mod quarantine;

@@ -1,12 +1,7 @@
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use segward::{
-    commands,
-    daemon::{self, RunOptions},
-    datapath,
-    policy::load::LoadError,
-};
+use segward::{commands, daemon, datapath};
 
 /// Zero-trust micro-segmentation for Linux IoT gateways.
 #[derive(Parser)]
@@ -19,24 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: load the policy, attach to the interfaces, enforce.
-    Run {
-        /// Directory of segment files.
-        #[arg(long)]
-        policy: PathBuf,
-        /// Device-facing interface (repeat for several).
-        #[arg(long = "device-iface", required = true)]
-        device_ifaces: Vec<String>,
-        /// Let would-be drops pass and count them (whole agent).
-        #[arg(long)]
-        audit: bool,
-        /// Work on the interfaces of this named network namespace (`ip netns`).
-        #[arg(long)]
-        netns: Option<String>,
-        /// Remove programs, links and maps on exit; by default they stay pinned and go on
-        /// enforcing until a restarted daemon adopts them.
-        #[arg(long)]
-        detach_on_exit: bool,
-    },
+    Run(commands::run::RunArgs),
     /// Remove the pinned programs, links and maps of a stopped daemon.
     Uninstall {
         /// The network namespace the daemon worked on (`--netns` of `segward run`).
@@ -49,52 +27,26 @@ enum Command {
     Explain(commands::explain::ExplainArgs),
     /// Which (source, destination, port) pairs gain or lose access between two policies.
     Diff(commands::diff::DiffArgs),
+    /// Daemon state: policy generation, interfaces, mode, counts.
+    Status(commands::control::StatusArgs),
+    /// Devices with their addresses, segment and state; --unknown: sources that no device owns.
+    Devices(commands::control::DevicesArgs),
+    /// Quarantine a device by hand.
+    Quarantine(commands::control::QuarantineArgs),
+    /// End a device's quarantine.
+    Release(commands::control::ReleaseArgs),
+    /// Bind an address to a device (for an external identity system).
+    Bind(commands::control::BindArgs),
+    /// Take a bound address away from a device.
+    Unbind(commands::control::UnbindArgs),
+    /// Reload the policy directory now.
+    Reload(commands::control::ReloadArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            policy,
-            device_ifaces,
-            audit,
-            netns,
-            detach_on_exit,
-        } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            let opts = RunOptions {
-                policy_dir: policy,
-                device_ifaces,
-                audit,
-                netns,
-                detach_on_exit,
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("segward: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match runtime.block_on(daemon::run(opts)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("segward: {e:#}");
-                    if e.downcast_ref::<LoadError>().is_some() {
-                        ExitCode::from(2)
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-            }
-        }
+        Command::Run(args) => commands::run::run(args),
         Command::Uninstall { netns } => {
             let dir = datapath::pin_dir(daemon::instance_name(netns.as_deref()));
             match datapath::uninstall(&dir) {
@@ -115,5 +67,12 @@ fn main() -> ExitCode {
         Command::Check(args) => commands::check::run(args),
         Command::Explain(args) => commands::explain::run(args),
         Command::Diff(args) => commands::diff::run(args),
+        Command::Status(args) => commands::control::status(args),
+        Command::Devices(args) => commands::control::devices(args),
+        Command::Quarantine(args) => commands::control::quarantine(args),
+        Command::Release(args) => commands::control::release(args),
+        Command::Bind(args) => commands::control::bind(args),
+        Command::Unbind(args) => commands::control::unbind(args),
+        Command::Reload(args) => commands::control::reload(args),
     }
 }

@@ -490,7 +490,7 @@ fn lab_daemon_helper_with_a_stand_in_daemon() {
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
 
-    // The lab adds --netns itself.
+    // The lab adds --netns itself, and for `run` its own control socket and state.
     let lab = Lab::builder().build();
     let cmd = lab.segward_command(&["run", "--policy", "/nonexistent"]);
     let args: Vec<String> = cmd
@@ -498,6 +498,8 @@ fn lab_daemon_helper_with_a_stand_in_daemon() {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     assert_eq!(cmd.get_program(), lab::segward_bin());
+    let socket = lab.control_socket().display().to_string();
+    let state = lab.dir().join("state").display().to_string();
     assert_eq!(
         args,
         [
@@ -505,7 +507,11 @@ fn lab_daemon_helper_with_a_stand_in_daemon() {
             "--policy",
             "/nonexistent",
             "--netns",
-            lab.gateway_netns()
+            lab.gateway_netns(),
+            "--socket",
+            &socket,
+            "--state-dir",
+            &state,
         ]
     );
 }

@@ -790,7 +790,29 @@ impl Lab {
     pub fn segward_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(segward_bin());
         cmd.args(args).args(["--netns", &self.gw_ns]);
+        if args.first() == Some(&"run") {
+            // The lab's own control socket and state, so that labs never meet.
+            cmd.arg("--socket")
+                .arg(self.control_socket())
+                .arg("--state-dir")
+                .arg(self.dir().join("state"));
+        }
         cmd
+    }
+
+    /// The control socket of the lab's `segward run`.
+    pub fn control_socket(&self) -> std::path::PathBuf {
+        self.dir().join("control.sock")
+    }
+
+    /// A daemon command (`status`, `quarantine ...`) against the lab's daemon.
+    pub fn control(&self, args: &[&str]) -> std::process::Output {
+        Command::new(segward_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.control_socket())
+            .output()
+            .expect("lab: running segward")
     }
 
     /// Writes `yaml` as the lab's policy directory (one file) and returns the directory.

@@ -1,8 +1,11 @@
-//! The offline commands (no daemon needed): each module owns its arguments and output.
+//! The commands: each module owns its arguments and output. `check`, `explain` and `diff`
+//! work offline; `run` is the daemon; `control` holds the commands that talk to it.
 
 pub mod check;
+pub mod control;
 pub mod diff;
 pub mod explain;
+pub mod run;
 
 use std::io::{self, Write as _};
 

@@ -1,0 +1,817 @@
+//! `segward run`: load the policy, put it into the kernel, enforce, and keep the kernel in
+//! step with everything that changes while it runs: policy reloads, learned addresses,
+//! quarantines. One task owns the [`Agent`]; kernel events, control calls, lease changes
+//! and signals reach it through one `select!`, so changes never interleave.
+
+pub mod state;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_ebpf::{
+    maps::{Addr, Event, HOOK_FROM_DEVICE},
+    verdict::Reason,
+};
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{info, warn};
+
+use crate::{
+    audit::{proto_name, AuditEvent, AuditLog, EventKind},
+    config::DaemonConfig,
+    control::{
+        self,
+        protocol::{
+            BoundAddress, DeviceInfo, PacketCount, QuarantineInfo, StatusReport, UnknownSource,
+        },
+        Reply, Request, Response,
+    },
+    datapath::{pin_dir, uninstall, Datapath},
+    identity::{leases, moves, Bindings},
+    netns::Netns,
+    policy::{
+        compile::{addr_octets, compile_with, CompiledPolicy, DeviceState},
+        load::load_dir,
+        model::{MacAddr, Policy},
+    },
+    quarantine::{FlowId, Observation, Triggers},
+};
+use state::{QuarantineRecord, State};
+
+/// Per-packet audit events written per device and second; the kernel sends at most 20.
+const AUDIT_EVENTS_PER_DEVICE_PER_SECOND: u32 = 20;
+/// The longest quarantine reason kept.
+const MAX_REASON_CHARS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: DaemonConfig,
+    pub netns: Option<String>,
+    /// Remove programs, links and maps on exit instead of leaving them enforcing.
+    pub detach_on_exit: bool,
+}
+
+/// The name of a gateway's pinned state: its network namespace, or `host`.
+pub fn instance_name(netns: Option<&str>) -> &str {
+    netns.unwrap_or("host")
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let config = &opts.config;
+    let netns = match &opts.netns {
+        Some(name) => Netns::named(name)?,
+        None => Netns::current(),
+    };
+    let policy_dir = config.policy.clone().context(
+        "no policy directory: give --policy or `policy:` in the configuration file",
+    )?;
+    let policy = load_dir(&policy_dir)?;
+    let state = state::load(&config.state_dir)?;
+    let audit = AuditLog::open(
+        config.audit_log.as_deref(),
+        AUDIT_EVENTS_PER_DEVICE_PER_SECOND,
+    )?;
+    let pins = pin_dir(instance_name(opts.netns.as_deref()));
+    let mut datapath = Datapath::load_pinned(&pins)?;
+    datapath.set_audit(config.audit)?;
+    let seconds = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    datapath.set_timeouts(
+        seconds(config.conntrack.tcp),
+        seconds(config.conntrack.udp),
+        seconds(config.conntrack.icmp),
+    )?;
+    let bindings = Bindings {
+        binds: state.binds.clone(),
+        ..Bindings::default()
+    };
+    let mut agent = Agent {
+        gateway: netns.gateway_addresses()?,
+        statics: statics_of(&policy),
+        triggers: Triggers::new(policy.quarantine.as_ref()),
+        policy,
+        policy_dir,
+        config: config.clone(),
+        netns: opts.netns.clone(),
+        datapath,
+        state,
+        bindings,
+        audit,
+        generation: 0,
+        started: Instant::now(),
+        next_lease_expiry: None,
+    };
+    agent.read_leases();
+    let compiled = agent.compile(&agent.policy)?;
+    agent.install(compiled)?;
+    agent.policy_loaded();
+    for iface in &config.device_ifaces {
+        agent.datapath.attach_device_iface(&netns, iface)?;
+    }
+    for link in agent.datapath.detach_other_ifaces(&config.device_ifaces)? {
+        info!(
+            link,
+            "detached from an interface that is no longer configured"
+        );
+    }
+
+    let listener = control::bind(&config.socket).await?;
+    let (calls_tx, mut calls) = mpsc::channel::<control::Call>(16);
+    tokio::spawn(listener.serve(calls_tx));
+    let (_lease_watcher, mut lease_changes) = match &config.dhcp_leases {
+        Some(path) => {
+            let (watcher, rx) = leases::watch(path)?;
+            (Some(watcher), rx)
+        }
+        // A channel that never delivers: no lease file, no lease changes.
+        None => (None, mpsc::channel(1).1),
+    };
+    info!(
+        policy = %agent.policy_dir.display(),
+        segments = agent.policy.segments.len(),
+        devices = agent.statics_devices(),
+        interfaces = ?config.device_ifaces,
+        netns = opts.netns.as_deref().unwrap_or("-"),
+        mode = agent.mode(),
+        quarantined = agent.state.quarantined.len(),
+        socket = %config.socket.display(),
+        pins = %pins.display(),
+        "enforcing"
+    );
+
+    // SAFETY: the stream owns the ring buffer's fd for as long as the AsyncFd lives.
+    let mut events = unsafe { AsyncFd::register(agent.datapath.take_events()?) }
+        .map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e}"))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        let lease_expiry = agent.next_lease_expiry.map_or(Duration::from_secs(3600), |t| {
+            t.duration_since(SystemTime::now()).unwrap_or_default()
+        });
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            ready = events.readable_mut() => {
+                let mut ready = ready?;
+                while let Some(event) = ready.get_inner_mut().next_event() {
+                    agent.on_event(&event);
+                }
+                ready.clear_ready();
+            }
+            _ = hangup.recv() => {
+                let _ = agent.reload();
+                if let Err(e) = agent.audit.reopen() {
+                    warn!(error = %e, "reopening the audit log");
+                }
+            }
+            Some((request, respond)) = calls.recv() => {
+                let response = agent.handle(request);
+                let _ = respond.send(response);
+            }
+            Some(()) = lease_changes.recv() => agent.leases_changed(),
+            _ = tokio::time::sleep(lease_expiry), if agent.next_lease_expiry.is_some() => {
+                agent.leases_changed();
+            }
+        }
+    }
+    agent.log_counters()?;
+    if opts.detach_on_exit {
+        drop(agent);
+        uninstall(&pins)?;
+        info!("stopped; programs detached and pins removed");
+    } else {
+        info!("stopped; the pinned programs go on enforcing (`segward uninstall` removes them)");
+    }
+    Ok(())
+}
+
+/// The daemon's state, owned by its one task.
+struct Agent {
+    policy: Policy,
+    policy_dir: PathBuf,
+    /// Static addresses of the policy, and their devices.
+    statics: HashMap<IpAddr, String>,
+    gateway: Vec<IpAddr>,
+    config: DaemonConfig,
+    netns: Option<String>,
+    datapath: Datapath,
+    state: State,
+    bindings: Bindings,
+    audit: AuditLog,
+    triggers: Triggers,
+    generation: u64,
+    started: Instant,
+    /// When the next active lease expires.
+    next_lease_expiry: Option<SystemTime>,
+}
+
+fn statics_of(policy: &Policy) -> HashMap<IpAddr, String> {
+    policy
+        .segments
+        .iter()
+        .flat_map(|s| &s.devices)
+        .flat_map(|d| d.addresses.iter().map(|a| (a.to_canonical(), d.id.clone())))
+        .collect()
+}
+
+impl Agent {
+    fn mode(&self) -> &'static str {
+        if self.config.audit {
+            "audit"
+        } else {
+            "enforce"
+        }
+    }
+
+    fn statics_devices(&self) -> usize {
+        self.policy.segments.iter().map(|s| s.devices.len()).sum()
+    }
+
+    fn compile(&self, policy: &Policy) -> anyhow::Result<CompiledPolicy> {
+        let device_state = DeviceState {
+            learned: self.bindings.by_device(&statics_of(policy)),
+            quarantined: self.state.quarantined.keys().cloned().collect(),
+        };
+        compile_with(policy, &self.gateway, &device_state).context("compiling the policy")
+    }
+
+    /// Installs a compiled policy and tells the kernel whether opened flows are wanted.
+    fn install(&mut self, compiled: CompiledPolicy) -> anyhow::Result<()> {
+        self.datapath.install(compiled)?;
+        self.datapath
+            .set_report_new_flows(self.triggers.wants_opened_flows())?;
+        Ok(())
+    }
+
+    /// Recompiles the running policy with the current bindings and quarantines.
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        let compiled = self.compile(&self.policy)?;
+        self.install(compiled)
+    }
+
+    fn policy_loaded(&mut self) {
+        self.generation += 1;
+        info!(generation = self.generation, "policy loaded");
+        self.audit
+            .record(AuditEvent::new(EventKind::PolicyLoaded).generation(self.generation));
+    }
+
+    /// Loads the policy directory again; a policy that fails to load or compile changes
+    /// nothing: the old one keeps enforcing.
+    fn reload(&mut self) -> Result<u64, String> {
+        let attempt = load_dir(&self.policy_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|policy| {
+                self.gateway = match &self.netns {
+                    Some(name) => Netns::named(name)?.gateway_addresses()?,
+                    None => Netns::current().gateway_addresses()?,
+                };
+                let compiled = self.compile(&policy)?;
+                Ok((policy, compiled))
+            });
+        let (policy, compiled) = match attempt {
+            Ok(ok) => ok,
+            Err(error) => {
+                let error = format!("{error:#}");
+                warn!(generation = self.generation, error, "policy rejected");
+                self.audit
+                    .record(AuditEvent::new(EventKind::PolicyRejected).error(error.clone()));
+                return Err(error);
+            }
+        };
+        self.statics = statics_of(&policy);
+        self.triggers = Triggers::new(policy.quarantine.as_ref());
+        self.policy = policy;
+        if let Err(error) = self.install(compiled) {
+            let error = format!("{error:#}");
+            warn!(error, "installing the policy failed");
+            return Err(error);
+        }
+        self.policy_loaded();
+        Ok(self.generation)
+    }
+
+    /// One event from the kernel: into the audit log, and past the quarantine triggers.
+    fn on_event(&mut self, event: &Event) {
+        let Some(reason) = Reason::from_number(event.reason) else {
+            return;
+        };
+        let device = self.device_id(event.device);
+        let dst = addr_ip(&event.dst);
+        if reason == Reason::Allowed {
+            // A flow opened, reported for the fan-out trigger only.
+            if let Some(device) = device {
+                self.observe(&device, Observation::Opened { dst });
+            }
+            return;
+        }
+        let kind = match reason {
+            _ if event.audited != 0 => EventKind::AuditDeny,
+            Reason::UnknownDevice => EventKind::UnknownDevice,
+            Reason::Spoof => EventKind::Spoof,
+            _ => EventKind::Deny,
+        };
+        let mut line = AuditEvent::new(kind)
+            .src(addr_ip(&event.src))
+            .proto(proto_name(event.protocol))
+            .reason(reason.name())
+            .mac(MacAddr(event.mac).to_string());
+        if event.dst != [0; 16] {
+            line = line.dst(dst);
+        }
+        if event.dport != 0 {
+            line = line.dport(event.dport);
+        }
+        if let Some(device) = &device {
+            line = line.device(device.clone());
+            if let Some(segment) = self.segment_of(device) {
+                line = line.segment(segment.to_owned());
+            }
+        }
+        self.audit.record(line);
+        if let (Some(device), EventKind::Deny, HOOK_FROM_DEVICE) =
+            (device, kind, event.hook)
+        {
+            let flow = FlowId {
+                protocol: event.protocol,
+                dst,
+                sport: event.sport,
+                dport: event.dport,
+            };
+            self.observe(&device, Observation::Denied { flow });
+        }
+    }
+
+    /// Feeds the triggers; quarantines the device when one trips.
+    fn observe(&mut self, device: &str, seen: Observation) {
+        if self.state.quarantined.contains_key(device) {
+            return;
+        }
+        let Some(trip) = self.triggers.observe(device, Instant::now(), seen) else {
+            return;
+        };
+        let by = format!("trigger:{}", trip.trigger);
+        match self.quarantine(device, &trip.detail, &by) {
+            Ok(message) => info!(device, trigger = trip.trigger, "{message}"),
+            Err(error) => warn!(device, error, "automatic quarantine failed"),
+        }
+    }
+
+    fn device_id(&self, number: u32) -> Option<String> {
+        let compiled = self.datapath.live()?;
+        compiled
+            .device_ids
+            .get((number as usize).checked_sub(1)?)
+            .cloned()
+    }
+
+    fn device_number(&self, id: &str) -> Option<u32> {
+        let compiled = self.datapath.live()?;
+        let index = compiled.device_ids.iter().position(|d| d == id)?;
+        Some(index as u32 + 1)
+    }
+
+    fn segment_of(&self, device: &str) -> Option<&str> {
+        self.policy
+            .segments
+            .iter()
+            .find(|s| s.devices.iter().any(|d| d.id == device))
+            .map(|s| s.name.as_str())
+    }
+
+    fn knows_device(&self, device: &str) -> Result<(), String> {
+        match self.segment_of(device) {
+            Some(_) => Ok(()),
+            None => Err(format!("unknown device {device:?}")),
+        }
+    }
+
+    /// Every address a device has now: static, then learned.
+    fn addresses_of(&self, device: &str) -> Vec<BoundAddress> {
+        let statics = self
+            .policy
+            .segments
+            .iter()
+            .flat_map(|s| &s.devices)
+            .filter(|d| d.id == device)
+            .flat_map(|d| &d.addresses)
+            .map(|a| BoundAddress {
+                address: a.to_canonical(),
+                source: "static".into(),
+            });
+        let learned = self
+            .bindings
+            .owners(&self.statics)
+            .into_iter()
+            .filter(|(_, (owner, _))| owner == device)
+            .map(|(address, (_, source))| BoundAddress {
+                address,
+                source: source.name().into(),
+            });
+        statics.chain(learned).collect()
+    }
+
+    /// Quarantines `device` (SPEC §2 rule 3): kept in the state directory, in force in the
+    /// kernel, its tracked flows cut, on the record; all before this returns.
+    fn quarantine(&mut self, device: &str, reason: &str, by: &str) -> Result<String, String> {
+        self.knows_device(device)?;
+        if let Some(record) = self.state.quarantined.get(device) {
+            return Ok(format!(
+                "{device} is already quarantined (since {}, by {})",
+                record.since, record.by
+            ));
+        }
+        let record = QuarantineRecord {
+            reason: reason.to_owned(),
+            since: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            by: by.to_owned(),
+        };
+        self.state.quarantined.insert(device.to_owned(), record);
+        if let Err(error) = self.commit_state() {
+            self.state.quarantined.remove(device);
+            return Err(error);
+        }
+        let addrs: Vec<Addr> = self
+            .addresses_of(device)
+            .iter()
+            .map(|a| addr_octets(a.address))
+            .collect();
+        let number = self.device_number(device);
+        let cut = self
+            .datapath
+            .cut_flows(&number.into_iter().collect::<Vec<_>>(), &addrs)
+            .map_err(|e| format!("cutting the tracked flows of {device}: {e}"))?;
+        self.audit.record(
+            AuditEvent::new(EventKind::Quarantine)
+                .device(device.to_owned())
+                .segment(self.segment_of(device).unwrap_or_default().to_owned())
+                .reason(reason.to_owned())
+                .source(by.to_owned()),
+        );
+        Ok(format!("{device} quarantined ({cut} tracked flows cut)"))
+    }
+
+    fn release(&mut self, device: &str) -> Result<String, String> {
+        self.knows_device(device)?;
+        let Some(record) = self.state.quarantined.remove(device) else {
+            return Err(format!("{device} is not quarantined"));
+        };
+        if let Err(error) = self.commit_state() {
+            self.state.quarantined.insert(device.to_owned(), record);
+            return Err(error);
+        }
+        self.audit.record(
+            AuditEvent::new(EventKind::Release)
+                .device(device.to_owned())
+                .segment(self.segment_of(device).unwrap_or_default().to_owned()),
+        );
+        Ok(format!("{device} released"))
+    }
+
+    /// Saves the state, then puts it into the kernel. On failure the caller undoes its
+    /// change; the kernel and the state file keep the old state.
+    fn commit_state(&mut self) -> Result<(), String> {
+        self.state.binds = self.bindings.binds.clone();
+        let saved = state::save(&self.config.state_dir, &self.state);
+        let result = saved
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.refresh().map_err(|e| format!("{e:#}")));
+        if result.is_err() {
+            // Best effort to leave the file as the kernel is.
+            let mut old = self.state.clone();
+            old.binds = self.bindings.binds.clone();
+            let _ = state::save(&self.config.state_dir, &old);
+        }
+        result
+    }
+
+    /// Changes the learned bindings with `change`, then puts the result into force: the new
+    /// generation has no old owner's binding for a moved address (SPEC §2.7), flows at moved
+    /// addresses are cut, and each move is on the record.
+    fn rebind(&mut self, change: impl FnOnce(&mut Bindings)) -> Result<usize, String> {
+        let before_bindings = self.bindings.clone();
+        let before = self.bindings.owners(&self.statics);
+        change(&mut self.bindings);
+        let after = self.bindings.owners(&self.statics);
+        let moved = moves(&before, &after);
+        if moved.is_empty() {
+            return Ok(0);
+        }
+        if let Err(error) = self.commit_state() {
+            self.bindings = before_bindings;
+            self.state.binds = self.bindings.binds.clone();
+            return Err(error);
+        }
+        let left: Vec<Addr> = moved
+            .iter()
+            .filter(|m| m.from.is_some())
+            .map(|m| addr_octets(m.address))
+            .collect();
+        if let Err(error) = self.datapath.cut_flows(&[], &left) {
+            warn!(error = %error, "cutting the flows of moved addresses");
+        }
+        for m in &moved {
+            for (kind, end) in [(EventKind::Unbind, &m.from), (EventKind::Bind, &m.to)] {
+                if let Some((device, source)) = end {
+                    let mut event = AuditEvent::new(kind)
+                        .device(device.clone())
+                        .address(m.address)
+                        .source(source.name());
+                    if let Some(segment) = self.segment_of(device) {
+                        event = event.segment(segment.to_owned());
+                    }
+                    self.audit.record(event);
+                }
+            }
+        }
+        Ok(moved.len())
+    }
+
+    fn bind(&mut self, device: &str, address: IpAddr) -> Result<String, String> {
+        self.knows_device(device)?;
+        let address = address.to_canonical();
+        check_bindable(address)?;
+        if let Some(owner) = self.statics.get(&address) {
+            return if owner == device {
+                Ok(format!("{address} is already a static address of {device}"))
+            } else {
+                Err(format!(
+                    "{address} is a static address of {owner} in the policy; change the policy to move it"
+                ))
+            };
+        }
+        let device = device.to_owned();
+        let moved = self.rebind(|b| {
+            b.binds.insert(address, device.clone());
+        })?;
+        Ok(match moved {
+            0 => format!("{address} was already bound to {device}"),
+            _ => format!("{address} bound to {device}"),
+        })
+    }
+
+    fn unbind(&mut self, device: &str, address: IpAddr) -> Result<String, String> {
+        self.knows_device(device)?;
+        let address = address.to_canonical();
+        if self.bindings.binds.get(&address).map(String::as_str) != Some(device) {
+            let why = match (self.statics.get(&address), self.bindings.leases.get(&address)) {
+                (Some(owner), _) if owner == device => "it is a static address in the policy",
+                (_, Some(owner)) if owner == device => {
+                    "it comes from a DHCP lease and goes when the lease does"
+                }
+                _ => "it is not bound to that device",
+            };
+            return Err(format!("cannot unbind {address} from {device}: {why}"));
+        }
+        self.rebind(|b| {
+            b.binds.remove(&address);
+        })?;
+        Ok(format!("{address} unbound from {device}"))
+    }
+
+    /// Reads the lease file again and applies what changed.
+    fn leases_changed(&mut self) {
+        let before = self.bindings.leases.clone();
+        self.read_leases();
+        let leases = std::mem::replace(&mut self.bindings.leases, before);
+        if let Err(error) = self.rebind(|b| b.leases = leases) {
+            warn!(error, "applying lease changes");
+        }
+    }
+
+    /// The lease file's bindings in force now, by the device whose MAC holds each lease.
+    fn read_leases(&mut self) {
+        let Some(path) = self.config.dhcp_leases.clone() else {
+            return;
+        };
+        let file = match leases::read(&path) {
+            Ok(file) => file,
+            Err(error) => {
+                warn!(error = %error, "reading the lease file; keeping the bindings as they are");
+                return;
+            }
+        };
+        for problem in &file.problems {
+            warn!("{}", problem.display(&path));
+        }
+        let now = SystemTime::now();
+        let by_mac: HashMap<[u8; 6], &str> = self
+            .policy
+            .segments
+            .iter()
+            .flat_map(|s| &s.devices)
+            .filter_map(|d| Some((d.mac?.0, d.id.as_str())))
+            .collect();
+        self.bindings.leases = leases::active(&file, now)
+            .into_iter()
+            .filter_map(|(address, mac)| Some((address, by_mac.get(&mac)?.to_string())))
+            .collect();
+        self.next_lease_expiry = file
+            .leases
+            .iter()
+            .filter_map(|l| l.expires)
+            .filter(|&t| t > now)
+            .min();
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        let done = |r: Result<String, String>| match r {
+            Ok(message) => Response::ok(Reply::Done { message }),
+            Err(error) => Response::error(error),
+        };
+        match request {
+            Request::Status => match self.status() {
+                Ok(report) => Response::ok(Reply::Status(report)),
+                Err(error) => Response::error(error),
+            },
+            Request::Devices { unknown: false } => Response::ok(Reply::Devices {
+                devices: self.devices(),
+            }),
+            Request::Devices { unknown: true } => match self.unknown_sources() {
+                Ok(sources) => Response::ok(Reply::Unknown { sources }),
+                Err(error) => Response::error(error),
+            },
+            Request::Quarantine { device, reason } => {
+                let reason = reason.trim();
+                if reason.is_empty() {
+                    return Response::error("a quarantine needs a reason");
+                }
+                let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+                done(self.quarantine(&device, &reason, "manual"))
+            }
+            Request::Release { device } => done(self.release(&device)),
+            Request::Bind { device, address } => done(self.bind(&device, address)),
+            Request::Unbind { device, address } => done(self.unbind(&device, address)),
+            Request::Reload => done(
+                self.reload()
+                    .map(|generation| format!("policy loaded (generation {generation})")),
+            ),
+        }
+    }
+
+    fn status(&mut self) -> Result<StatusReport, String> {
+        let counters = self.datapath.counters().map_err(|e| e.to_string())?;
+        let unknown = self.unknown_sources()?.len();
+        Ok(StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            policy_dir: self.policy_dir.display().to_string(),
+            generation: self.generation,
+            mode: self.mode().into(),
+            interfaces: self.config.device_ifaces.clone(),
+            netns: self.netns.clone(),
+            segments: self.policy.segments.len(),
+            devices: self.statics_devices(),
+            quarantined: self.state.quarantined.len(),
+            bound_addresses: self.bindings.owners(&self.statics).len(),
+            unknown_sources: unknown,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            packets: counters
+                .into_iter()
+                .filter(|(_, enforced, audited)| enforced + audited > 0)
+                .map(|(reason, packets, audited)| PacketCount {
+                    reason: reason.name().into(),
+                    verdict: if reason.passes() { "pass" } else { "drop" }.into(),
+                    packets,
+                    audited,
+                })
+                .collect(),
+        })
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        self.policy
+            .segments
+            .iter()
+            .flat_map(|s| s.devices.iter().map(move |d| (s, d)))
+            .map(|(segment, device)| {
+                let quarantine = self.state.quarantined.get(&device.id).map(|q| QuarantineInfo {
+                    reason: q.reason.clone(),
+                    since: q.since.clone(),
+                    by: q.by.clone(),
+                });
+                DeviceInfo {
+                    id: device.id.clone(),
+                    segment: segment.name.clone(),
+                    mac: device.mac.map(|m| m.to_string()),
+                    addresses: self.addresses_of(&device.id),
+                    state: if quarantine.is_some() { "quarantined" } else { "active" }.into(),
+                    quarantine,
+                }
+            })
+            .collect()
+    }
+
+    /// The kernel's inventory of sources no device owns, newest first; sources that have
+    /// become a device's address since are left out.
+    fn unknown_sources(&mut self) -> Result<Vec<UnknownSource>, String> {
+        let seen = self.datapath.unknown_sources().map_err(|e| e.to_string())?;
+        let owned: BTreeSet<IpAddr> = self
+            .statics
+            .keys()
+            .copied()
+            .chain(self.bindings.owners(&self.statics).into_keys())
+            .collect();
+        let clock = MonotonicClock::now();
+        let mut sources: Vec<(u64, UnknownSource)> = seen
+            .into_iter()
+            .map(|(key, seen)| (addr_ip(&key.addr), key.mac, seen))
+            .filter(|(address, _, _)| !owned.contains(address))
+            .map(|(address, mac, seen)| {
+                let at = |ns| humantime::format_rfc3339(clock.wall(ns)).to_string();
+                (
+                    seen.last_seen_ns,
+                    UnknownSource {
+                        address,
+                        mac: MacAddr(mac).to_string(),
+                        first_seen: at(seen.first_seen_ns),
+                        last_seen: at(seen.last_seen_ns),
+                        packets: seen.packets,
+                    },
+                )
+            })
+            .collect();
+        sources.sort_by(|a, b| b.0.cmp(&a.0));
+        Ok(sources.into_iter().map(|(_, s)| s).collect())
+    }
+
+    fn log_counters(&mut self) -> anyhow::Result<()> {
+        for (reason, enforced, audited) in self.datapath.counters()? {
+            if enforced + audited > 0 {
+                info!(
+                    reason = reason.name(),
+                    packets = enforced,
+                    audited,
+                    "counter"
+                );
+            }
+        }
+        let suppressed = self.datapath.events_suppressed()? + self.audit.suppressed();
+        info!(events_suppressed = suppressed, "counter");
+        Ok(())
+    }
+}
+
+/// Addresses a device can be bound to: not unspecified, loopback or multicast.
+fn check_bindable(address: IpAddr) -> Result<(), String> {
+    if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
+        return Err(format!("{address} cannot be a device's address"));
+    }
+    if let IpAddr::V4(v4) = address {
+        if v4.is_broadcast() {
+            return Err(format!("{address} cannot be a device's address"));
+        }
+    }
+    Ok(())
+}
+
+/// An address as people write it: IPv4-mapped addresses as plain IPv4.
+fn addr_ip(addr: &Addr) -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::from(*addr)).to_canonical()
+}
+
+/// Turns kernel times (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) into wall-clock times.
+struct MonotonicClock {
+    wall: SystemTime,
+    monotonic_ns: u64,
+}
+
+impl MonotonicClock {
+    fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        MonotonicClock {
+            wall: SystemTime::now(),
+            monotonic_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+        }
+    }
+
+    fn wall(&self, monotonic_ns: u64) -> SystemTime {
+        self.wall - Duration::from_nanos(self.monotonic_ns.saturating_sub(monotonic_ns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unicast_addresses_are_bindable() {
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255", "::", "ff02::1"] {
+            assert!(check_bindable(bad.parse().unwrap()).is_err(), "{bad}");
+        }
+        for good in ["10.20.1.50", "2001:db8::5"] {
+            assert!(check_bindable(good.parse().unwrap()).is_ok(), "{good}");
+        }
+    }
+}
