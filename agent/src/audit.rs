@@ -961,7 +961,12 @@ mod tests {
             .with_ansi(false)
             .with_max_level(Level::INFO)
             .finish();
-        tracing::subscriber::with_default(subscriber, f);
+        tracing::subscriber::with_default(subscriber, || {
+            // Other tests may have registered these callsites first, with no subscriber:
+            // their cached interest ("never") must not hide this test's events.
+            tracing::callsite::rebuild_interest_cache();
+            f()
+        });
         let bytes = buffer.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
     }

@@ -10,11 +10,10 @@
 use agent_ebpf::{
     maps::{
         Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, FlowEntry, FlowKey,
-        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen,
-        ZoneIdentity, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG,
-        MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS,
-        MAP_FRAGMENTS, MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONES,
-        PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
+        ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
+        MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_POLICY, MAP_SEGMENTS,
+        MAP_UNKNOWN_SOURCES, MAP_ZONES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };

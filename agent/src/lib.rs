@@ -12,6 +12,8 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod quarantine;
+pub mod watch;

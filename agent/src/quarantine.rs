@@ -58,8 +58,16 @@ impl Triggers {
             return Triggers::default();
         };
         Triggers {
-            denied_flows: q.triggers.denied_flows.as_ref().map(|t| (t.count, t.window)),
-            fanout: q.triggers.fanout.as_ref().map(|t| (t.destinations, t.window)),
+            denied_flows: q
+                .triggers
+                .denied_flows
+                .as_ref()
+                .map(|t| (t.count, t.window)),
+            fanout: q
+                .triggers
+                .fanout
+                .as_ref()
+                .map(|t| (t.destinations, t.window)),
             exempt: q.exempt.iter().cloned().collect(),
             ..Triggers::default()
         }
@@ -82,7 +90,10 @@ impl Triggers {
                     let n = window_of(&mut self.denied, device, window).add(now, flow);
                     (n > count as usize).then(|| Trip {
                         trigger: "denied_flows",
-                        detail: format!("{n} denied flows in {}", humantime::format_duration(window)),
+                        detail: format!(
+                            "{n} denied flows in {}",
+                            humantime::format_duration(window)
+                        ),
                     })
                 });
                 denied.or_else(|| self.fanout_after(device, now, flow.dst))
@@ -101,10 +112,7 @@ impl Triggers {
         let n = window_of(&mut self.destinations, device, window).add(now, dst);
         (n > destinations as usize).then(|| Trip {
             trigger: "fanout",
-            detail: format!(
-                "{n} destinations in {}",
-                humantime::format_duration(window)
-            ),
+            detail: format!("{n} destinations in {}", humantime::format_duration(window)),
         })
     }
 }
@@ -205,7 +213,9 @@ mod tests {
         }
         // Retransmissions of a flow already counted are not new flows.
         assert_eq!(t.observe("cam", t0, denied(3)), None);
-        let trip = t.observe("cam", t0, denied(4)).expect("the 4th distinct flow trips");
+        let trip = t
+            .observe("cam", t0, denied(4))
+            .expect("the 4th distinct flow trips");
         assert_eq!(trip.trigger, "denied_flows");
         assert_eq!(trip.detail, "4 denied flows in 10s");
         // Windows start afresh after a trip.
@@ -237,9 +247,16 @@ mod tests {
         assert_eq!(t.observe("cam", t0, opened(1)), None);
         assert_eq!(t.observe("cam", t0, opened(1)), None);
         assert_eq!(t.observe("cam", t0, opened(2)), None);
-        assert_eq!(t.observe("cam", t0, denied(80)), None, "10.0.0.9 is the 3rd");
+        assert_eq!(
+            t.observe("cam", t0, denied(80)),
+            None,
+            "10.0.0.9 is the 3rd"
+        );
         let trip = t.observe("cam", t0, opened(4)).unwrap();
-        assert_eq!((trip.trigger, trip.detail.as_str()), ("fanout", "4 destinations in 1m"));
+        assert_eq!(
+            (trip.trigger, trip.detail.as_str()),
+            ("fanout", "4 destinations in 1m")
+        );
     }
 
     #[test]

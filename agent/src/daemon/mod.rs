@@ -36,6 +36,7 @@ use crate::{
     },
     datapath::{pin_dir, uninstall, Datapath},
     identity::{leases, moves, Bindings},
+    metrics::{self, Scrape, Snapshot},
     netns::Netns,
     policy::{
         compile::{addr_octets, compile_with, CompiledPolicy, DeviceState},
@@ -43,6 +44,7 @@ use crate::{
         model::{MacAddr, Policy},
     },
     quarantine::{FlowId, Observation, Triggers},
+    watch::{self, Watch},
 };
 use state::{QuarantineRecord, State};
 
@@ -50,6 +52,9 @@ use state::{QuarantineRecord, State};
 const AUDIT_EVENTS_PER_DEVICE_PER_SECOND: u32 = 20;
 /// The longest quarantine reason kept.
 const MAX_REASON_CHARS: usize = 1024;
+/// How long the policy directory must be quiet before a change is loaded: `git pull` and
+/// friends write a checkout in a burst of renames.
+const POLICY_QUIET: Duration = Duration::from_millis(150);
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -70,9 +75,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(name) => Netns::named(name)?,
         None => Netns::current(),
     };
-    let policy_dir = config.policy.clone().context(
-        "no policy directory: give --policy or `policy:` in the configuration file",
-    )?;
+    let policy_dir = config
+        .policy
+        .clone()
+        .context("no policy directory: give --policy or `policy:` in the configuration file")?;
     let policy = load_dir(&policy_dir)?;
     let state = state::load(&config.state_dir)?;
     let audit = AuditLog::open(
@@ -105,6 +111,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         bindings,
         audit,
         generation: 0,
+        reloads_ok: 0,
+        reloads_rejected: 0,
         started: Instant::now(),
         next_lease_expiry: None,
     };
@@ -125,13 +133,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = control::bind(&config.socket).await?;
     let (calls_tx, mut calls) = mpsc::channel::<control::Call>(16);
     tokio::spawn(listener.serve(calls_tx));
-    let (_lease_watcher, mut lease_changes) = match &config.dhcp_leases {
-        Some(path) => {
-            let (watcher, rx) = leases::watch(path)?;
-            (Some(watcher), rx)
-        }
-        // A channel that never delivers: no lease file, no lease changes.
-        None => (None, mpsc::channel(1).1),
+    let (scrapes_tx, mut scrapes) = mpsc::channel::<Scrape>(4);
+    if let Some(addr) = config.metrics {
+        let listener = metrics::bind(addr)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tokio::spawn(metrics::serve(listener, scrapes_tx));
+    }
+    let mut policy_watch = watch_policy(&agent.policy_dir)?;
+    let mut lease_watch = match &config.dhcp_leases {
+        Some(path) => Some(leases::watch(path)?),
+        None => None,
     };
     info!(
         policy = %agent.policy_dir.display(),
@@ -145,6 +157,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         pins = %pins.display(),
         "enforcing"
     );
+    // Under systemd (Type=notify): ready once enforcing. Elsewhere this does nothing.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     // SAFETY: the stream owns the ring buffer's fd for as long as the AsyncFd lives.
     let mut events = unsafe { AsyncFd::register(agent.datapath.take_events()?) }
@@ -152,9 +166,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;
     loop {
-        let lease_expiry = agent.next_lease_expiry.map_or(Duration::from_secs(3600), |t| {
-            t.duration_since(SystemTime::now()).unwrap_or_default()
-        });
+        let lease_expiry = agent
+            .next_lease_expiry
+            .map_or(Duration::from_secs(3600), |t| {
+                t.duration_since(SystemTime::now()).unwrap_or_default()
+            });
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -175,12 +191,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let response = agent.handle(request);
                 let _ = respond.send(response);
             }
-            Some(()) = lease_changes.recv() => agent.leases_changed(),
+            Some(respond) = scrapes.recv() => {
+                let _ = respond.send(metrics::render(agent.snapshot()));
+            }
+            Some(()) = policy_watch.changes.recv() => {
+                // The directory may have been replaced (a symlink swap): watch it anew.
+                policy_watch = watch_policy(&agent.policy_dir)?;
+                let _ = agent.reload_if_changed();
+            }
+            Some(()) = next_change(&mut lease_watch) => agent.leases_changed(),
             _ = tokio::time::sleep(lease_expiry), if agent.next_lease_expiry.is_some() => {
                 agent.leases_changed();
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     agent.log_counters()?;
     if opts.detach_on_exit {
         drop(agent);
@@ -207,9 +232,41 @@ struct Agent {
     audit: AuditLog,
     triggers: Triggers,
     generation: u64,
+    reloads_ok: u64,
+    reloads_rejected: u64,
     started: Instant,
     /// When the next active lease expires.
     next_lease_expiry: Option<SystemTime>,
+}
+
+/// The next change a watch reports; never, without a watch.
+async fn next_change(watch: &mut Option<Watch>) -> Option<()> {
+    match watch {
+        Some(watch) => watch.changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches the policy directory and, since it may be replaced as a whole (a rename, a
+/// symlink swap), its parent; `.git` internals and editors' scratch files do not count.
+fn watch_policy(dir: &std::path::Path) -> anyhow::Result<Watch> {
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("policy directory {}", dir.display()))?;
+    let watched = match canonical.parent() {
+        Some(parent) => parent.to_path_buf(),
+        None => canonical.clone(),
+    };
+    let relevant = move |path: &std::path::Path| {
+        let in_git = path.components().any(|c| c.as_os_str() == ".git");
+        let scratch = path.extension().is_some_and(|e| e == "swp" || e == "tmp")
+            || path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with('~'));
+        let near = path.starts_with(&canonical) || canonical.starts_with(path);
+        near && !in_git && !scratch
+    };
+    Ok(watch::watch(&watched, true, POLICY_QUIET, relevant)?)
 }
 
 fn statics_of(policy: &Policy) -> HashMap<IpAddr, String> {
@@ -263,6 +320,20 @@ impl Agent {
             .record(AuditEvent::new(EventKind::PolicyLoaded).generation(self.generation));
     }
 
+    /// Reloads after a change in the policy directory, unless what it holds now compiles
+    /// to exactly what is in force (an editor's save of an unchanged file, a `git pull`
+    /// that changed other files).
+    fn reload_if_changed(&mut self) -> Result<u64, String> {
+        let unchanged = load_dir(&self.policy_dir)
+            .ok()
+            .and_then(|policy| self.compile(&policy).ok())
+            .is_some_and(|compiled| self.datapath.live() == Some(&compiled));
+        if unchanged {
+            return Ok(self.generation);
+        }
+        self.reload()
+    }
+
     /// Loads the policy directory again; a policy that fails to load or compile changes
     /// nothing: the old one keeps enforcing.
     fn reload(&mut self) -> Result<u64, String> {
@@ -280,6 +351,7 @@ impl Agent {
             Ok(ok) => ok,
             Err(error) => {
                 let error = format!("{error:#}");
+                self.reloads_rejected += 1;
                 warn!(generation = self.generation, error, "policy rejected");
                 self.audit
                     .record(AuditEvent::new(EventKind::PolicyRejected).error(error.clone()));
@@ -294,8 +366,37 @@ impl Agent {
             warn!(error, "installing the policy failed");
             return Err(error);
         }
+        self.reloads_ok += 1;
         self.policy_loaded();
         Ok(self.generation)
+    }
+
+    /// The numbers for a metrics scrape.
+    fn snapshot(&mut self) -> Snapshot {
+        let mut packets = Vec::new();
+        for (reason, enforced, audited) in self.datapath.counters().unwrap_or_default() {
+            let verdict = if reason.passes() { "pass" } else { "drop" };
+            packets.push((verdict, reason.name(), enforced));
+            if !reason.passes() {
+                packets.push(("audit", reason.name(), audited));
+            }
+        }
+        let devices = self.statics_devices() as u64;
+        let quarantined = self.state.quarantined.len() as u64;
+        let unknown = self.unknown_sources().map_or(0, |u| u.len()) as u64;
+        Snapshot {
+            packets,
+            devices: vec![
+                ("active", devices.saturating_sub(quarantined)),
+                ("quarantined", quarantined),
+                ("unknown", unknown),
+            ],
+            generation: self.generation,
+            reloads: vec![("ok", self.reloads_ok), ("rejected", self.reloads_rejected)],
+            conntrack_entries: self.datapath.tracked_flows().unwrap_or(0) as u64,
+            events_suppressed: self.datapath.events_suppressed().unwrap_or(0)
+                + self.audit.suppressed(),
+        }
     }
 
     /// One event from the kernel: into the audit log, and past the quarantine triggers.
@@ -336,9 +437,7 @@ impl Agent {
             }
         }
         self.audit.record(line);
-        if let (Some(device), EventKind::Deny, HOOK_FROM_DEVICE) =
-            (device, kind, event.hook)
-        {
+        if let (Some(device), EventKind::Deny, HOOK_FROM_DEVICE) = (device, kind, event.hook) {
             let flow = FlowId {
                 protocol: event.protocol,
                 dst,
@@ -561,7 +660,10 @@ impl Agent {
         self.knows_device(device)?;
         let address = address.to_canonical();
         if self.bindings.binds.get(&address).map(String::as_str) != Some(device) {
-            let why = match (self.statics.get(&address), self.bindings.leases.get(&address)) {
+            let why = match (
+                self.statics.get(&address),
+                self.bindings.leases.get(&address),
+            ) {
                 (Some(owner), _) if owner == device => "it is a static address in the policy",
                 (_, Some(owner)) if owner == device => {
                     "it comes from a DHCP lease and goes when the lease does"
@@ -691,17 +793,26 @@ impl Agent {
             .iter()
             .flat_map(|s| s.devices.iter().map(move |d| (s, d)))
             .map(|(segment, device)| {
-                let quarantine = self.state.quarantined.get(&device.id).map(|q| QuarantineInfo {
-                    reason: q.reason.clone(),
-                    since: q.since.clone(),
-                    by: q.by.clone(),
-                });
+                let quarantine = self
+                    .state
+                    .quarantined
+                    .get(&device.id)
+                    .map(|q| QuarantineInfo {
+                        reason: q.reason.clone(),
+                        since: q.since.clone(),
+                        by: q.by.clone(),
+                    });
                 DeviceInfo {
                     id: device.id.clone(),
                     segment: segment.name.clone(),
                     mac: device.mac.map(|m| m.to_string()),
                     addresses: self.addresses_of(&device.id),
-                    state: if quarantine.is_some() { "quarantined" } else { "active" }.into(),
+                    state: if quarantine.is_some() {
+                        "quarantined"
+                    } else {
+                        "active"
+                    }
+                    .into(),
                     quarantine,
                 }
             })
@@ -807,7 +918,14 @@ mod tests {
 
     #[test]
     fn only_unicast_addresses_are_bindable() {
-        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255", "::", "ff02::1"] {
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "ff02::1",
+        ] {
             assert!(check_bindable(bad.parse().unwrap()).is_err(), "{bad}");
         }
         for good in ["10.20.1.50", "2001:db8::5"] {

@@ -145,6 +145,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("state.json"), "{\"quarantined\": 3}").unwrap();
         let err = load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("state.json is not a segward state file"), "{err}");
+        assert!(
+            err.contains("state.json is not a segward state file"),
+            "{err}"
+        );
     }
 }

@@ -15,12 +15,10 @@ use std::{
     fmt, fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    sync::mpsc as std_mpsc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use notify::{event::EventKind, RecursiveMode, Watcher as _};
-use tokio::sync::mpsc;
+use crate::watch::Watch;
 
 /// How long the watcher waits for a burst of changes to end before it reports them.
 const DEBOUNCE: Duration = Duration::from_millis(10);
@@ -153,78 +151,28 @@ pub fn active(file: &LeaseFile, now: SystemTime) -> BTreeMap<IpAddr, [u8; 6]> {
         .collect()
 }
 
-/// Watches the lease file: the receiver gets a message after each change (debounced by
-/// ~10 ms to coalesce bursts), also when the file is created, replaced by a rename or
-/// removed. The parent directory is watched, since the file may be replaced; the returned
-/// watcher must be kept alive. Several changes before the receiver looks are one message.
-pub fn watch(path: &Path) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), LeaseError> {
-    let watch_error = |source| LeaseError::Watch {
-        path: path.to_path_buf(),
-        source,
-    };
+/// Watches the lease file: [`Watch::changes`] gets a message after each change (debounced
+/// by ~10 ms to coalesce bursts), also when the file is created, replaced by a rename or
+/// removed. The parent directory is watched, since the file may be replaced.
+pub fn watch(path: &Path) -> Result<Watch, LeaseError> {
     let name = path
         .file_name()
-        .ok_or_else(|| {
-            watch_error(notify::Error::generic(
-                "the lease file path does not end in a file name",
-            ))
+        .ok_or_else(|| LeaseError::Watch {
+            path: path.to_path_buf(),
+            source: notify::Error::generic("the lease file path does not end in a file name"),
         })?
         .to_owned();
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-
-    let (raw_tx, raw_rx) = std_mpsc::channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let relevant = match event {
-            // Lost events (queue overflow, …): the file may have changed.
-            Err(_) => true,
-            Ok(event) if event.need_rescan() => true,
-            // Opening and closing, also by our own reads, changes nothing.
-            Ok(notify::Event {
-                kind: EventKind::Access(_),
-                ..
-            }) => false,
-            Ok(event) => event
-                .paths
-                .iter()
-                .any(|p| p.file_name() == Some(name.as_os_str())),
-        };
-        if relevant {
-            let _ = raw_tx.send(());
-        }
+    crate::watch::watch(&dir, false, DEBOUNCE, move |p| {
+        p.file_name() == Some(name.as_os_str())
     })
-    .map_err(watch_error)?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| LeaseError::Watch { path: dir, source })?;
-
-    let (tx, rx) = mpsc::channel(1);
-    // Debounce on a thread of its own, so that no runtime is needed here. It ends when the
-    // watcher (and with it `raw_tx`) is dropped, or when the receiver is.
-    std::thread::Builder::new()
-        .name("lease-watch".into())
-        .spawn(move || {
-            while raw_rx.recv().is_ok() {
-                loop {
-                    match raw_rx.recv_timeout(DEBOUNCE) {
-                        Ok(()) => continue,
-                        Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-                // Full: a message is already waiting, which covers this change too.
-                if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| LeaseError::Watch {
-            path: path.to_path_buf(),
-            source: notify::Error::io(e),
-        })?;
-    Ok((watcher, rx))
+    .map_err(|e| LeaseError::Watch {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 fn parse_line(fields: &[&str]) -> Result<Lease, String> {
@@ -504,9 +452,10 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dnsmasq.leases");
-        let (_watcher, mut rx) = watch(&path).unwrap();
+        let mut watch = watch(&path).unwrap();
+        let rx = &mut watch.changes;
 
-        async fn changed(rx: &mut mpsc::Receiver<()>, what: &str) {
+        async fn changed(rx: &mut tokio::sync::mpsc::Receiver<()>, what: &str) {
             timeout(Duration::from_secs(2), rx.recv())
                 .await
                 .unwrap_or_else(|_| panic!("no notification after {what}"))
@@ -515,32 +464,32 @@ mod tests {
             sleep(Duration::from_millis(100)).await;
             while rx.try_recv().is_ok() {}
         }
-        async fn quiet(rx: &mut mpsc::Receiver<()>, what: &str) {
+        async fn quiet(rx: &mut tokio::sync::mpsc::Receiver<()>, what: &str) {
             let got = timeout(Duration::from_millis(300), rx.recv()).await;
             assert!(got.is_err(), "notified after {what}");
         }
 
-        quiet(&mut rx, "nothing").await;
+        quiet(rx, "nothing").await;
         fs::write(&path, "0 02:00:00:00:10:01 10.0.0.1 * *\n").unwrap();
-        changed(&mut rx, "creating the file").await;
+        changed(rx, "creating the file").await;
 
         fs::write(dir.path().join("other"), "x").unwrap();
-        quiet(&mut rx, "writing another file").await;
+        quiet(rx, "writing another file").await;
 
         // Reading the file (open, close) is not a change.
         read(&path).unwrap();
-        quiet(&mut rx, "reading the file").await;
+        quiet(rx, "reading the file").await;
 
         let tmp = dir.path().join("dnsmasq.leases.new");
         fs::write(&tmp, "0 02:00:00:00:10:02 10.0.0.1 * *\n").unwrap();
         fs::rename(&tmp, &path).unwrap();
-        changed(&mut rx, "replacing the file by a rename").await;
+        changed(rx, "replacing the file by a rename").await;
 
         fs::write(&path, "0 02:00:00:00:10:03 10.0.0.1 * *\n").unwrap();
-        changed(&mut rx, "rewriting the file in place").await;
+        changed(rx, "rewriting the file in place").await;
 
         fs::remove_file(&path).unwrap();
-        changed(&mut rx, "removing the file").await;
-        quiet(&mut rx, "the removal's burst").await;
+        changed(rx, "removing the file").await;
+        quiet(rx, "the removal's burst").await;
     }
 }

@@ -70,7 +70,10 @@ impl Bindings {
     }
 
     /// The learned addresses by device, as the compiler takes them.
-    pub fn by_device(&self, statics: &HashMap<IpAddr, String>) -> BTreeMap<String, BTreeSet<IpAddr>> {
+    pub fn by_device(
+        &self,
+        statics: &HashMap<IpAddr, String>,
+    ) -> BTreeMap<String, BTreeSet<IpAddr>> {
         let mut out: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
         for (address, (device, _)) in self.owners(statics) {
             out.entry(device).or_default().insert(address);
@@ -115,7 +118,11 @@ mod tests {
         b.binds.insert(ip("10.0.0.2"), "sensor".into());
         b.leases.insert(ip("10.0.0.3"), "cam".into());
         let owners = b.owners(&statics);
-        assert_eq!(owners.get(&ip("10.0.0.1")), None, "a static address is never learned");
+        assert_eq!(
+            owners.get(&ip("10.0.0.1")),
+            None,
+            "a static address is never learned"
+        );
         assert_eq!(
             owners.get(&ip("10.0.0.2")),
             Some(&("sensor".to_string(), BindingSource::Bind))
