@@ -133,7 +133,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("segward: {e:#}");
+            eprintln!("segward: {}", error_text(&e));
             if e.downcast_ref::<LoadError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -141,6 +141,19 @@ pub fn run(args: RunArgs) -> ExitCode {
             }
         }
     }
+}
+
+/// An error and its causes, each once: most error types here already name their cause in
+/// their own message, which `{:#}` would repeat.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn init_logging(format: LogFormat) {
