@@ -533,10 +533,9 @@ impl Agent {
             by: by.to_owned(),
         };
         self.state.quarantined.insert(device.to_owned(), record);
-        if let Err(error) = self.commit_state() {
-            self.state.quarantined.remove(device);
-            return Err(error);
-        }
+        self.commit_state(|agent| {
+            agent.state.quarantined.remove(device);
+        })?;
         let addrs: Vec<Addr> = self
             .addresses_of(device)
             .iter()
@@ -562,10 +561,9 @@ impl Agent {
         let Some(record) = self.state.quarantined.remove(device) else {
             return Err(format!("{device} is not quarantined"));
         };
-        if let Err(error) = self.commit_state() {
-            self.state.quarantined.insert(device.to_owned(), record);
-            return Err(error);
-        }
+        self.commit_state(|agent| {
+            agent.state.quarantined.insert(device.to_owned(), record);
+        })?;
         self.audit.record(
             AuditEvent::new(EventKind::Release)
                 .device(device.to_owned())
@@ -574,19 +572,20 @@ impl Agent {
         Ok(format!("{device} released"))
     }
 
-    /// Saves the state, then puts it into the kernel. On failure the caller undoes its
-    /// change; the kernel and the state file keep the old state.
-    fn commit_state(&mut self) -> Result<(), String> {
+    /// Saves the state, then puts it into the kernel. On failure `undo` reverts the
+    /// caller's change, and the state file is written back: kernel and file keep the old
+    /// state.
+    fn commit_state(&mut self, undo: impl FnOnce(&mut Self)) -> Result<(), String> {
         self.state.binds = self.bindings.binds.clone();
-        let saved = state::save(&self.config.state_dir, &self.state);
-        let result = saved
+        let result = state::save(&self.config.state_dir, &self.state)
             .map_err(|e| e.to_string())
             .and_then(|()| self.refresh().map_err(|e| format!("{e:#}")));
         if result.is_err() {
-            // Best effort to leave the file as the kernel is.
-            let mut old = self.state.clone();
-            old.binds = self.bindings.binds.clone();
-            let _ = state::save(&self.config.state_dir, &old);
+            undo(self);
+            self.state.binds = self.bindings.binds.clone();
+            if let Err(e) = state::save(&self.config.state_dir, &self.state) {
+                warn!(error = %e, "restoring the state file");
+            }
         }
         result
     }
@@ -603,11 +602,7 @@ impl Agent {
         if moved.is_empty() {
             return Ok(0);
         }
-        if let Err(error) = self.commit_state() {
-            self.bindings = before_bindings;
-            self.state.binds = self.bindings.binds.clone();
-            return Err(error);
-        }
+        self.commit_state(|agent| agent.bindings = before_bindings)?;
         let left: Vec<Addr> = moved
             .iter()
             .filter(|m| m.from.is_some())
