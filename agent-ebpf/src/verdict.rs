@@ -249,6 +249,62 @@ pub fn judge_from_device<T: Tables>(
     packet: &Parsed,
     now_ns: u64,
 ) -> Decision {
+    let decision = decide_from_device(tables, config, packet, now_ns);
+    remember_datagram(tables, packet, &decision, now_ns);
+    decision
+}
+
+/// A frame towards a device (tc egress on a device-facing interface). Frames that came in
+/// on a device-facing interface were judged there (`from_device_iface`); the rest come from
+/// the uplink or the gateway itself: replies of tracked flows, `accept` rules, and what the
+/// gateway must send for devices to get on the network.
+#[inline(always)]
+pub fn judge_to_device<T: Tables>(
+    tables: &T,
+    config: &Config,
+    packet: &Parsed,
+    from_device_iface: bool,
+    now_ns: u64,
+) -> Decision {
+    let decision = decide_to_device(tables, config, packet, from_device_iface, now_ns);
+    remember_datagram(tables, packet, &decision, now_ns);
+    decision
+}
+
+/// The first fragment of a datagram that passed (whatever let it pass) lets the rest of
+/// the datagram pass. Not inlined: it keeps its key off the hooks' stack frames.
+#[inline(never)]
+fn remember_datagram<T: Tables>(tables: &T, packet: &Parsed, decision: &Decision, now_ns: u64) {
+    let Parsed::Ip(flow) = packet else {
+        return;
+    };
+    if !flow.first_fragment || !decision.reason.passes() {
+        return;
+    }
+    let datagram = DatagramKey {
+        src: flow.src,
+        dst: flow.dst,
+        id: flow.datagram_id,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    };
+    tables.track_datagram(
+        &datagram,
+        &DatagramEntry {
+            first_seen_ns: now_ns,
+            device: decision.device,
+            _pad: 0,
+        },
+    );
+}
+
+#[inline(always)]
+fn decide_from_device<T: Tables>(
+    tables: &T,
+    config: &Config,
+    packet: &Parsed,
+    now_ns: u64,
+) -> Decision {
     let (src, src_mac) = match packet {
         Parsed::Arp {
             sender_ip,
@@ -310,12 +366,8 @@ pub fn judge_from_device<T: Tables>(
     decision
 }
 
-/// A frame towards a device (tc egress on a device-facing interface). Frames that came in
-/// on a device-facing interface were judged there (`from_device_iface`); the rest come from
-/// the uplink or the gateway itself: replies of tracked flows, `accept` rules, and what the
-/// gateway must send for devices to get on the network.
 #[inline(always)]
-pub fn judge_to_device<T: Tables>(
+fn decide_to_device<T: Tables>(
     tables: &T,
     config: &Config,
     packet: &Parsed,
@@ -523,9 +575,9 @@ fn related_to_tracked<T: Tables>(
     live(&key)
 }
 
-/// Remembers an allowed flow of `device` so that its replies pass (and, for the first
-/// fragment of a datagram, the datagram's other fragments); true if the flow is new. Not
-/// inlined: it runs once per new flow, and keeps its keys off the hooks' stack frames.
+/// Remembers an allowed flow of `device` so that its replies pass; true if the flow is
+/// new. Not inlined: it runs once per new flow, and keeps its keys off the hooks' stack
+/// frames.
 #[inline(never)]
 fn track_replies<T: Tables>(
     tables: &T,
@@ -534,23 +586,6 @@ fn track_replies<T: Tables>(
     device: &Endpoint,
     now_ns: u64,
 ) -> bool {
-    if flow.first_fragment {
-        let datagram = DatagramKey {
-            src: flow.src,
-            dst: flow.dst,
-            id: flow.datagram_id,
-            protocol: flow.protocol,
-            _pad: [0; 3],
-        };
-        tables.track_datagram(
-            &datagram,
-            &DatagramEntry {
-                first_seen_ns: now_ns,
-                device: device.device,
-                _pad: 0,
-            },
-        );
-    }
     let reply = FlowKey {
         src: flow.dst,
         dst: flow.src,

@@ -9,6 +9,13 @@
 //! alike. Every `POLICIES_PER_DATAPATH` policies both start afresh with a new datapath, so
 //! that no flow lives long enough to time out on one side only (the host has no clock).
 //! Runs as root (it loads BPF programs).
+//!
+//! Some devices of a policy are quarantined (SPEC §2 rule 3) and some have learned addresses,
+//! compiled in with `compile_with`.
+//! Every frame judged as a new flow (allowed, default deny, quarantined) that the reference
+//! evaluator can express is also judged by it, which must agree on the verdict, the reason
+//! and audit. The frame mix includes further fragments of earlier datagrams and ICMP errors
+//! quoting earlier packets, for kernel and host.
 
 mod common;
 
@@ -20,12 +27,21 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_ebpf::{maps::Config, verdict::Reason};
+use agent_ebpf::{
+    maps::Config,
+    parse::{parse, Packet, Parsed},
+    verdict::{Flow, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+};
 use common::*;
 use ipnet::IpNet;
 use segward::{
     datapath::Hook,
-    policy::{compile::compile, load::load_str},
+    policy::{
+        compile::{compile_with, DeviceState},
+        evaluate::{self, DenyReason, Evaluator, FlowDestination, FlowSource, Service},
+        load::load_str,
+        model::Policy,
+    },
 };
 
 const DATAPATHS: usize = 16;
@@ -273,6 +289,13 @@ struct World {
     zones: Vec<Vec<IpNet>>,
     gateways: Vec<IpAddr>,
     audit: bool,
+    /// The Quarantine document's `allow` rules, if the policy has one.
+    quarantine: Option<Vec<Rule>>,
+    /// Quarantined devices.
+    quarantined: Vec<usize>,
+    /// Addresses devices learned at run time (mostly free ones; now and then one that the
+    /// policy binds to a device, which the compiler ignores for any other device).
+    learned: Vec<(usize, IpAddr)>,
 }
 
 impl World {
@@ -314,22 +337,21 @@ impl World {
         let (segment_count, device_count, zone_count) =
             (segments.len(), devices.len(), zones.len());
         let ports = |rng: &mut Rng| (0..rng.range(1, 3)).map(|_| Ports::random(rng)).collect();
+        let allow_rule = |rng: &mut Rng| {
+            let peer = match rng.below(6) {
+                0 => Peer::Segment(rng.below(segment_count)),
+                1 if device_count > 0 => Peer::Device(rng.below(device_count)),
+                2 if zone_count > 0 => Peer::Zone(rng.below(zone_count)),
+                3 => Peer::Gateway,
+                _ => Peer::Cidr(random_cidr(rng)),
+            };
+            Rule {
+                peer,
+                ports: ports(rng),
+            }
+        };
         for segment in &mut segments {
-            segment.allow = (0..rng.range(0, 4))
-                .map(|_| {
-                    let peer = match rng.below(6) {
-                        0 => Peer::Segment(rng.below(segment_count)),
-                        1 if device_count > 0 => Peer::Device(rng.below(device_count)),
-                        2 if zone_count > 0 => Peer::Zone(rng.below(zone_count)),
-                        3 => Peer::Gateway,
-                        _ => Peer::Cidr(random_cidr(rng)),
-                    };
-                    Rule {
-                        peer,
-                        ports: ports(rng),
-                    }
-                })
-                .collect();
+            segment.allow = (0..rng.range(0, 4)).map(|_| allow_rule(rng)).collect();
             segment.accept = (0..rng.range(0, 2))
                 .map(|_| {
                     let peer = if zone_count > 0 && rng.percent(50) {
@@ -355,19 +377,108 @@ impl World {
                 _ => local_pool(false, rng.below(4) as u8, 254),
             })
             .collect();
+        let quarantine = rng
+            .percent(70)
+            .then(|| (0..rng.range(0, 3)).map(|_| allow_rule(rng)).collect());
+        let mut learned = Vec::new();
+        if device_count > 0 && rng.percent(40) {
+            for _ in 0..rng.range(1, 3) {
+                let d = rng.below(device_count);
+                let statics: Vec<IpAddr> =
+                    devices.iter().flat_map(|d| d.addresses.clone()).collect();
+                let ip = if statics.is_empty() || rng.percent(80) {
+                    free.swap_remove(rng.below(free.len()))
+                } else {
+                    rng.pick(&statics)
+                };
+                learned.push((d, ip));
+            }
+        }
+        let quarantined = if rng.percent(50) {
+            (0..device_count).filter(|_| rng.percent(35)).collect()
+        } else {
+            Vec::new()
+        };
         World {
             segments,
             devices,
             zones,
             gateways,
             audit: rng.percent(10),
+            quarantine,
+            quarantined,
+            learned,
         }
+    }
+
+    /// What the daemon knows beyond the policy.
+    fn state(&self) -> DeviceState {
+        let mut state = DeviceState {
+            quarantined: self.quarantined_ids().into_iter().collect(),
+            ..DeviceState::default()
+        };
+        for &(d, ip) in &self.learned {
+            state
+                .learned
+                .entry(format!("dev-{d}"))
+                .or_default()
+                .insert(ip);
+        }
+        state
+    }
+
+    /// `policy` with the learned addresses bound statically, for the evaluator, which knows
+    /// only static ones. A learned address bound statically to another device is not used.
+    fn with_learned(&self, policy: &Policy) -> Policy {
+        let mut model = policy.clone();
+        let owner = |ip: IpAddr| {
+            self.devices
+                .iter()
+                .position(|device| device.addresses.contains(&ip))
+        };
+        for &(d, ip) in &self.learned {
+            if owner(ip).is_some_and(|o| o != d) {
+                continue;
+            }
+            let id = format!("dev-{d}");
+            let device = model
+                .segments
+                .iter_mut()
+                .flat_map(|s| &mut s.devices)
+                .find(|device| device.id == id)
+                .expect("every device is in a segment");
+            device.addresses.push(ip);
+        }
+        model
+    }
+
+    fn quarantined_ids(&self) -> Vec<String> {
+        self.quarantined
+            .iter()
+            .map(|d| format!("dev-{d}"))
+            .collect()
     }
 
     fn yaml(&self) -> String {
         let list = |items: Vec<String>| {
             let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
             format!("[{}]", quoted.join(", "))
+        };
+        let rule_yaml = |yaml: &mut String, peer_key: &str, rule: &Rule| {
+            let peer = match rule.peer {
+                Peer::Segment(s) => format!("seg-{s}"),
+                Peer::Device(d) => format!("dev-{d}"),
+                Peer::Zone(z) => format!("zone-{z}"),
+                Peer::Gateway => "gateway".to_owned(),
+                Peer::Cidr(cidr) => cidr.to_string(),
+            };
+            let ports = rule.ports.iter().map(Ports::to_string).collect();
+            writeln!(
+                yaml,
+                "  - {peer_key}: \"{peer}\"\n    ports: {}",
+                list(ports)
+            )
+            .unwrap();
         };
         let mut yaml = String::new();
         for (s, segment) in self.segments.iter().enumerate() {
@@ -396,21 +507,17 @@ impl World {
                     writeln!(yaml, "{key}:").unwrap();
                 }
                 for rule in rules {
-                    let peer = match rule.peer {
-                        Peer::Segment(s) => format!("seg-{s}"),
-                        Peer::Device(d) => format!("dev-{d}"),
-                        Peer::Zone(z) => format!("zone-{z}"),
-                        Peer::Gateway => "gateway".to_owned(),
-                        Peer::Cidr(cidr) => cidr.to_string(),
-                    };
-                    let ports = rule.ports.iter().map(Ports::to_string).collect();
-                    writeln!(
-                        yaml,
-                        "  - {peer_key}: \"{peer}\"\n    ports: {}",
-                        list(ports)
-                    )
-                    .unwrap();
+                    rule_yaml(&mut yaml, peer_key, rule);
                 }
+            }
+        }
+        if let Some(rules) = &self.quarantine {
+            yaml.push_str("---\nkind: Quarantine\n");
+            if !rules.is_empty() {
+                yaml.push_str("allow:\n");
+            }
+            for rule in rules {
+                rule_yaml(&mut yaml, "to", rule);
             }
         }
         for (z, cidrs) in self.zones.iter().enumerate() {
@@ -430,7 +537,8 @@ impl World {
         let rules = self
             .segments
             .iter()
-            .flat_map(|s| s.allow.iter().chain(&s.accept));
+            .flat_map(|s| s.allow.iter().chain(&s.accept))
+            .chain(self.quarantine.iter().flatten());
         let in_rules = rules.filter_map(|r| match r.peer {
             Peer::Cidr(cidr) => Some(cidr),
             _ => None,
@@ -446,7 +554,11 @@ impl World {
     fn addresses_of(&self, devices: &[usize]) -> Vec<IpAddr> {
         devices
             .iter()
-            .flat_map(|&d| self.devices[d].addresses.iter().copied())
+            .flat_map(|&d| {
+                let learned = self.learned.iter().filter(move |l| l.0 == d);
+                let learned = learned.map(|l| l.1);
+                self.devices[d].addresses.iter().copied().chain(learned)
+            })
             .collect()
     }
 
@@ -475,7 +587,14 @@ impl World {
 
     /// The source MAC of a frame from `src`: mostly its device's own, else another's.
     fn mac(&self, rng: &mut Rng, src: IpAddr) -> [u8; 6] {
-        let owner = self.devices.iter().find(|d| d.addresses.contains(&src));
+        let owner = self
+            .devices
+            .iter()
+            .find(|d| d.addresses.contains(&src))
+            .or_else(|| {
+                let learned = self.learned.iter().find(|l| l.1 == src);
+                learned.map(|l| &self.devices[l.0])
+            });
         match owner {
             Some(device) if rng.percent(85) => device.mac,
             _ if !self.devices.is_empty() && rng.percent(50) => {
@@ -488,8 +607,15 @@ impl World {
     /// A new flow that a rule of the policy allows (or accepts), if one can be built.
     fn aimed(&self, rng: &mut Rng) -> Option<(Frame, Hook)> {
         let segment = &self.segments[rng.below(self.segments.len())];
-        let accept = !segment.accept.is_empty() && (segment.allow.is_empty() || rng.percent(30));
-        let rules = if accept {
+        let quarantine = self.quarantine.as_deref().unwrap_or_default();
+        // Now and then a Quarantine flow of a quarantined device.
+        let quarantined = !self.quarantined.is_empty() && !quarantine.is_empty() && rng.percent(25);
+        let accept = !quarantined
+            && !segment.accept.is_empty()
+            && (segment.allow.is_empty() || rng.percent(30));
+        let rules = if quarantined {
+            quarantine
+        } else if accept {
             &segment.accept
         } else {
             &segment.allow
@@ -501,7 +627,12 @@ impl World {
             Ports::Icmpv6 => false,
             _ => rng.percent(50),
         };
-        let members = family(self.addresses_of(&segment.devices), v4);
+        let members = if quarantined {
+            &self.quarantined
+        } else {
+            &segment.devices
+        };
+        let members = family(self.addresses_of(members), v4);
         let peers = family(
             match rule.peer {
                 Peer::Segment(s) => self.addresses_of(&self.segments[s].devices),
@@ -529,6 +660,10 @@ impl World {
             (ip_frame(member, peer, l4), Hook::FromDevice)
         };
         frame.src_mac = Some(self.mac(rng, frame.src_ip().expect("an IP frame")));
+        if rng.percent(10) {
+            // The first fragment of a datagram, whose further fragments may follow.
+            frame = frame.fragment(0, true).datagram_id(rng.range(1, 3) as u32);
+        }
         Some((frame, hook))
     }
 }
@@ -611,6 +746,7 @@ fn random_frame(rng: &mut Rng, world: &World) -> Frame {
                         rng.range(1, 8191) as u16
                     };
                     ip.fragment = (offset, rng.percent(50));
+                    ip.datagram_id = rng.range(1, 3) as u32;
                     if !v4 && !ip.ext.contains(&EXT_FRAGMENT) {
                         ip.ext.push(EXT_FRAGMENT);
                     }
@@ -653,6 +789,8 @@ struct History {
     opened: Vec<(Frame, Hook)>,
     /// All IP frames.
     sent: Vec<(Frame, Hook)>,
+    /// First fragments that passed.
+    first_fragments: Vec<(Frame, Hook)>,
     /// The length of `opened` when the current policy was installed.
     opened_before: usize,
 }
@@ -661,6 +799,26 @@ impl History {
     /// The next test case: a reply (mostly of a flow that was opened), a flow some rule
     /// allows, or anything.
     fn next_case(&self, rng: &mut Rng, world: &World) -> (Frame, Hook) {
+        if !self.sent.is_empty() && rng.percent(10) {
+            // Mostly about datagrams and flows that passed.
+            let fragments = rng.percent(50);
+            let passed = if fragments {
+                &self.first_fragments
+            } else {
+                &self.opened
+            };
+            let earlier = if passed.is_empty() || rng.percent(30) {
+                &self.sent
+            } else {
+                passed
+            };
+            let (frame, hook) = &earlier[rng.below(earlier.len())];
+            return if fragments {
+                further_fragment(rng, world, frame, *hook)
+            } else {
+                icmp_error_about(rng, world, frame, *hook)
+            };
+        }
         let roll = rng.below(100);
         let earlier: &[(Frame, Hook)] = match roll {
             // Mostly flows of the current policy, whose devices are still there.
@@ -701,13 +859,168 @@ impl History {
         }
         let opened = match verdict.reason {
             Reason::Allowed => true,
-            Reason::DefaultDeny => verdict.audited,
+            Reason::DefaultDeny | Reason::Quarantined => verdict.audited,
             _ => false,
         };
         if opened {
             self.opened.push((frame.clone(), hook));
         }
+        let first_fragment = matches!(&frame.body, Body::Ip(ip) if ip.fragment == (0, true));
+        if first_fragment && verdict.passes {
+            self.first_fragments.push((frame.clone(), hook));
+        }
         self.sent.push((frame, hook));
+    }
+}
+
+/// A fragment of `frame`'s datagram other than the first, the way `frame` went (mostly),
+/// now and then of a neighbouring datagram.
+fn further_fragment(rng: &mut Rng, world: &World, frame: &Frame, hook: Hook) -> (Frame, Hook) {
+    let mut fragment = frame.clone();
+    let Body::Ip(ip) = &mut fragment.body else {
+        unreachable!("only IP frames are recorded");
+    };
+    ip.fragment = (rng.range(1, 8191) as u16, rng.percent(50));
+    if rng.percent(20) {
+        ip.datagram_id = rng.range(1, 3) as u32;
+    }
+    if ip.src.is_ipv6() && !ip.ext.contains(&EXT_FRAGMENT) {
+        ip.ext.push(EXT_FRAGMENT);
+    }
+    if rng.percent(20) {
+        fragment.src_mac = Some(world.mac(rng, ip.src));
+    }
+    let hook = if rng.percent(20) {
+        random_hook(rng)
+    } else {
+        hook
+    };
+    (fragment, hook)
+}
+
+/// An ICMP error about `frame` (or about its reply), to the quoted packet's sender, from
+/// its destination or any address; sometimes with its quote cut short.
+fn icmp_error_about(rng: &mut Rng, world: &World, frame: &Frame, hook: Hook) -> (Frame, Hook) {
+    let (quoted, hook) = if rng.percent(30) {
+        let towards = match hook {
+            Hook::FromDevice => Hook::ToDevice {
+                ingress_ifindex: rng.pick(&[UPLINK_IFINDEX, 0]),
+            },
+            Hook::ToDevice { .. } => Hook::FromDevice,
+        };
+        (frame.reply(), towards)
+    } else {
+        (frame.clone(), hook)
+    };
+    let Body::Ip(ip) = &quoted.body else {
+        unreachable!("only IP frames are recorded");
+    };
+    let v4 = ip.src.is_ipv4();
+    let (ty, code) = if v4 {
+        rng.pick(&[(3, 1), (3, 3), (11, 0), (12, 0), (5, 0), (4, 0)])
+    } else {
+        rng.pick(&[(1, 0), (1, 4), (2, 0), (3, 0), (4, 0), (137, 0)])
+    };
+    let from = if rng.percent(50) {
+        ip.dst
+    } else {
+        world.address(rng, v4)
+    };
+    // The error comes back to the sender: towards a device if a device sent the packet.
+    let hook = match hook {
+        _ if rng.percent(20) => random_hook(rng),
+        Hook::FromDevice => Hook::ToDevice {
+            ingress_ifindex: rng.pick(&[UPLINK_IFINDEX, 0]),
+        },
+        Hook::ToDevice { .. } => Hook::FromDevice,
+    };
+    let mut error = icmp_error(from, ip.src, ty, code, &quoted);
+    if rng.percent(15) {
+        let len = rng.below(error.payload.len() + 1);
+        error = error.cut_payload(len);
+    }
+    error.src_mac = Some(world.mac(rng, from));
+    (error, hook)
+}
+
+/// The flow a frame opens, as the reference evaluator asks about it: `None` when the frame
+/// is no new flow it models (not judged by the rules, not to a device from outside, a
+/// protocol it has no word for).
+fn evaluator_case(
+    ev: &Evaluator,
+    hook: Hook,
+    bytes: &[u8],
+) -> Option<(FlowSource, FlowDestination, Service)> {
+    let Ok(Parsed::Ip(flow)) = parse(&Packet::from_slice(bytes)) else {
+        return None;
+    };
+    let Flow {
+        src,
+        dst,
+        protocol,
+        dport,
+        ..
+    } = flow;
+    let (src, dst) = (
+        IpAddr::from(src).to_canonical(),
+        IpAddr::from(dst).to_canonical(),
+    );
+    match hook {
+        Hook::FromDevice => {}
+        // Judged as a flow from outside the device network to a device.
+        Hook::ToDevice { ingress_ifindex } if ingress_ifindex != DEVICE_IFINDEX => {
+            if ev.owner(src).is_some() || ev.owner(dst).is_none() {
+                return None;
+            }
+        }
+        Hook::ToDevice { .. } => return None,
+    }
+    let service = match protocol {
+        PROTO_TCP => Service::Tcp(dport),
+        PROTO_UDP => Service::Udp(dport),
+        PROTO_SCTP => Service::Sctp(dport),
+        PROTO_ICMP => Service::Icmp,
+        PROTO_ICMPV6 => Service::Icmpv6,
+        _ => return None,
+    };
+    Some((
+        FlowSource::Address(src),
+        FlowDestination::Address(dst),
+        service,
+    ))
+}
+
+/// The evaluator's verdict in the datapath's terms (ignoring whole-agent audit mode).
+fn evaluator_verdict(verdict: &evaluate::Verdict) -> (Reason, bool) {
+    match verdict {
+        evaluate::Verdict::Allow { .. } => (Reason::Allowed, false),
+        evaluate::Verdict::Deny { reason, audited_by } => {
+            let reason = match reason {
+                DenyReason::UnknownDevice { .. } => Reason::UnknownDevice,
+                DenyReason::DefaultDeny { .. } => Reason::DefaultDeny,
+                DenyReason::Quarantined { .. } | DenyReason::DestinationQuarantined { .. } => {
+                    Reason::Quarantined
+                }
+            };
+            (reason, audited_by.is_some())
+        }
+    }
+}
+
+/// The evaluator's verdict as `segward explain` words it.
+fn evaluator_text(verdict: &evaluate::Verdict) -> String {
+    match verdict {
+        evaluate::Verdict::Allow { rule, port } => {
+            format!("allow ({} rule \"{}\", {port})", rule.kind(), rule.text())
+        }
+        evaluate::Verdict::Deny { reason, audited_by } => match audited_by {
+            Some(segment) => format!(
+                "deny {} (audited: {} is in audit mode)",
+                reason.code(),
+                segment.name
+            ),
+            None => format!("deny {}", reason.code()),
+        },
     }
 }
 
@@ -750,6 +1063,9 @@ fn kernel_matches_host() {
     let mut rng = Rng::new(seed);
     let started = Instant::now();
     let mut tally: BTreeMap<(&str, bool), usize> = BTreeMap::new();
+    // Reason → new flows the evaluator judged too; (kind, reason) → frames.
+    let mut evaluated: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut mix: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for d in 0..DATAPATHS {
         let born = Instant::now();
         let mut kernel = Kernel::new(load_datapath());
@@ -761,7 +1077,11 @@ fn kernel_matches_host() {
             let policy = load_str(Path::new("random.yaml"), &yaml).unwrap_or_else(|e| {
                 panic!("seed {seed}: the generator wrote an invalid policy:\n{e}\n{yaml}")
             });
-            let compiled = compile(&policy, &world.gateways).expect("a small policy compiles");
+            let compiled = compile_with(&policy, &world.gateways, &world.state())
+                .expect("a small policy compiles");
+            let model = world.with_learned(&policy);
+            let ev =
+                Evaluator::new(&model, &world.gateways).with_quarantined(world.quarantined_ids());
             kernel
                 .datapath
                 .set_audit(world.audit)
@@ -787,11 +1107,54 @@ fn kernel_matches_host() {
                         "kernel and host disagree (seed {seed}: datapath {d}, policy {p}, frame {f})\n\
                          hook:   {hook:?}\nframe:  {}\nkernel: {theirs}\nhost:   {ours}\n\
                          agent audit mode: {}; gateway addresses: {:?}\npolicy:\n{yaml}\n\
-                         replay with SEGWARD_DIFF_SEED={seed}",
+                         quarantined: {:?}; learned: {:?}\nreplay with SEGWARD_DIFF_SEED={seed}",
                         hex(&bytes),
                         world.audit,
                         world.gateways,
+                        world.quarantined_ids(),
+                        world.learned,
                     );
+                }
+                let new_flow = matches!(
+                    ours.reason,
+                    Reason::Allowed | Reason::DefaultDeny | Reason::Quarantined
+                );
+                if let Some((from, to, service)) =
+                    evaluator_case(&ev, hook, &bytes).filter(|_| new_flow)
+                {
+                    let verdict = ev.judge(&from, &to, service).unwrap_or_else(|e| {
+                        panic!("seed {seed}: the evaluator cannot judge {from:?} → {to:?}: {e}")
+                    });
+                    let (reason, audited) = evaluator_verdict(&verdict);
+                    let audited = audited || (world.audit && reason != Reason::Allowed);
+                    if (reason, audited) != (ours.reason, ours.audited) {
+                        panic!(
+                            "the evaluator disagrees (seed {seed}: datapath {d}, policy {p}, frame {f})\n\
+                             hook:      {hook:?}\nframe:     {}\nflow:      {from:?} → {to:?} {service}\n\
+                             kernel and host: {ours}\nevaluator: {}\n\
+                             agent audit mode: {}; gateway addresses: {:?}; quarantined: {:?}; \
+                             learned (dev, address): {:?}\npolicy:\n{yaml}\n\
+                             replay with SEGWARD_DIFF_SEED={seed}",
+                            hex(&bytes),
+                            evaluator_text(&verdict),
+                            world.audit,
+                            world.gateways,
+                            world.quarantined_ids(),
+                            world.learned,
+                        );
+                    }
+                    *evaluated.entry(reason.name()).or_default() += 1;
+                }
+                match parse(&Packet::from_slice(&bytes)) {
+                    Ok(Parsed::Fragment(_)) => {
+                        *mix.entry(("further fragments", ours.reason.name()))
+                            .or_default() += 1
+                    }
+                    Ok(Parsed::Ip(flow)) if flow.related.is_some() => {
+                        *mix.entry(("ICMP errors with a quote", ours.reason.name()))
+                            .or_default() += 1
+                    }
+                    _ => {}
                 }
                 if !damaged {
                     history.record(frame, hook, ours);
@@ -806,10 +1169,10 @@ fn kernel_matches_host() {
             born.elapsed()
         );
     }
+    let frames = DATAPATHS * POLICIES_PER_DATAPATH * FRAMES_PER_POLICY;
     println!(
-        "seed {seed}: {} policies, {} frames in {:?}; verdicts (reason, audited):",
+        "seed {seed}: {} policies, {frames} frames in {:?}; verdicts (reason, audited):",
         DATAPATHS * POLICIES_PER_DATAPATH,
-        DATAPATHS * POLICIES_PER_DATAPATH * FRAMES_PER_POLICY,
         started.elapsed()
     );
     for ((reason, audited), count) in &tally {
@@ -818,12 +1181,34 @@ fn kernel_matches_host() {
             if *audited { " (audited)" } else { "" }
         );
     }
+    let compared: usize = evaluated.values().sum();
+    println!("new flows also judged by the evaluator: {compared} {evaluated:?}");
+    for ((kind, reason), count) in &mix {
+        println!("  {kind}, {reason}: {count}");
+    }
     // A generator that never reaches some verdict would test that much less.
     for reason in Reason::ALL {
         assert!(
             tally.keys().any(|(name, _)| *name == reason.name()),
             "seed {seed}: no frame was judged {}; the generator needs tuning",
             reason.name()
+        );
+    }
+    assert!(
+        compared > frames / 10,
+        "seed {seed}: only {compared} of {frames} frames were compared with the evaluator"
+    );
+    for reason in [Reason::Allowed, Reason::DefaultDeny, Reason::Quarantined] {
+        assert!(
+            evaluated.contains_key(reason.name()),
+            "seed {seed}: the evaluator judged no new flow {}; the generator needs tuning",
+            reason.name()
+        );
+    }
+    for kind in ["further fragments", "ICMP errors with a quote"] {
+        assert!(
+            mix.contains_key(&(kind, Reason::Reply.name())),
+            "seed {seed}: none of the {kind} passed as a reply; the generator needs tuning"
         );
     }
 }

@@ -2,8 +2,11 @@
 //! BPF_PROG_TEST_RUN, each with the verdict SPEC §2 demands and the counter it must be
 //! counted under. Every row is also judged by the host reference, which must agree.
 //!
-//! Rows run in order against one datapath: reply rows rely on the flows that earlier rows
-//! opened. Runs as root (it loads BPF programs).
+//! Rows run in order against one datapath: reply rows (and further fragments, ICMP errors)
+//! rely on the flows and datagrams that earlier rows opened. The rows come in phases, each
+//! installing its policy into that datapath: as compiled; with three devices quarantined
+//! (`compile_with`); with the quarantine lifted; with the whole agent in audit mode.
+//! Runs as root (it loads BPF programs).
 
 mod common;
 
@@ -22,7 +25,7 @@ use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use segward::{
     datapath::{Hook, TestRun},
     policy::{
-        compile::{compile, CompiledPolicy},
+        compile::{compile_with, CompiledPolicy, DeviceState},
         load::load_str,
     },
 };
@@ -87,6 +90,21 @@ allow:
   - to: hist-1
     ports: ["554/tcp"]
 ---
+kind: Segment
+name: remediation
+devices:
+  - id: remediation-host
+    addresses: [10.20.8.1, "2001:db8:20:8::1"]
+---
+kind: Quarantine
+allow:
+  - to: remediation
+    ports: ["443/tcp"]
+  - to: 198.18.0.0/24
+    ports: ["80/tcp"]
+  - to: "2001:db8:18::/48"
+    ports: ["80/tcp"]
+---
 kind: Zone
 name: ops-vpn
 cidrs: [192.0.2.0/24, "2001:db8:9::/48"]
@@ -126,6 +144,10 @@ struct Net {
     world: IpAddr,
     /// In the sensors' subnet, bound to no device.
     unbound: IpAddr,
+    /// remediation-host, which the Quarantine rules allow (443/tcp).
+    remedy: IpAddr,
+    /// Inside the Quarantine's CIDR rule (80/tcp).
+    updates: IpAddr,
 }
 
 const fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -154,6 +176,8 @@ const V4: Net = Net {
     cloud: v4(198, 51, 100, 7),
     world: v4(203, 0, 113, 9),
     unbound: v4(10, 20, 1, 99),
+    remedy: v4(10, 20, 8, 1),
+    updates: v4(198, 18, 0, 80),
 };
 
 const V6: Net = Net {
@@ -172,6 +196,8 @@ const V6: Net = Net {
     cloud: v6([0x2001, 0xdb8, 0xcc, 0, 0, 0, 0, 7]),
     world: v6([0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 9]),
     unbound: v6([0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 0x99]),
+    remedy: v6([0x2001, 0xdb8, 0x20, 8, 0, 0, 0, 1]),
+    updates: v6([0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x80]),
 };
 
 /// Devices with a pinned MAC: frames from their addresses carry it unless a row says
@@ -448,18 +474,251 @@ fn family_rows(t: &mut Table, n: &Net) {
     t.row("cam-1 → mqtt-broker 8883/tcp (would be denied)", FROM, tcp(n.cam, n.broker, 40013, 8883), Audit(DefaultDeny));
     t.row("ops-vpn → cam-1 22/tcp (would be denied)", UPLINK, tcp(n.ops, n.cam, 50004, 22), Audit(DefaultDeny));
 
+    t.section("rule 4: ICMP errors");
+    icmp_error_rows(t, n, &to_broker);
+
     t.section("rule 7: fragments");
-    t.row("first fragment of an allowed flow", FROM, tcp(n.t1, n.broker, 40020, 8883).fragment(0, true), Pass(Allowed));
-    t.row("first fragment of a denied flow", FROM, tcp(n.t1, n.world, 40020, 8883).fragment(0, true), Drop(DefaultDeny));
-    t.row("non-first fragment of an allowed flow", FROM, tcp(n.t1, n.broker, 40020, 8883).fragment(185, true), Drop(Fragment));
-    t.row("last fragment of an allowed flow", FROM, tcp(n.t1, n.broker, 40020, 8883).fragment(370, false), Drop(Fragment));
-    t.row("non-first fragment, offset 1", FROM, udp(n.t1, n.ntp, 40020, 123).fragment(1, true), Drop(Fragment));
-    t.row("non-first fragment of an untracked flow towards a device", UPLINK, tcp(n.world, n.t1, 443, 40020).fragment(185, false), Drop(Fragment));
-    t.row("non-first fragment from an unbound source", FROM, udp(n.unbound, n.ntp, 40020, 123).fragment(185, false), Drop(Fragment));
+    // A datagram is (source, destination, IP id, protocol): its first fragment carries the
+    // L4 header and is judged as a flow; the rest pass if and only if it passed.
+    let first = tcp(n.t1, n.broker, 40020, 8883).datagram_id(0x1001);
+    t.row("first fragment of an allowed flow", FROM, first.clone().fragment(0, true), Pass(Allowed));
+    t.row("...its second fragment", FROM, first.clone().fragment(185, true), Pass(Reply));
+    t.row("...its last fragment", FROM, first.clone().fragment(370, false), Pass(Reply));
+    t.row("...its second fragment again (a duplicate)", FROM, first.clone().fragment(185, true), Pass(Reply));
+    t.row("...its second fragment from another MAC (temp-001's is pinned)", FROM, first.clone().fragment(185, true).mac(EVIL_MAC), Drop(Spoof));
+    t.row("a further fragment like its own, with another IP id", FROM, first.clone().datagram_id(0x1002).fragment(185, true), Drop(Fragment));
+    t.row("a further fragment with its IP id, to another destination", FROM, tcp(n.t1, n.hist, 40020, 8883).datagram_id(0x1001).fragment(185, true), Drop(Fragment));
+    t.row("a further fragment with its IP id, of another protocol", FROM, udp(n.t1, n.broker, 40020, 8883).datagram_id(0x1001).fragment(185, true), Drop(Fragment));
+    t.row("a further fragment with its IP id, from another device", FROM, tcp(n.t2, n.broker, 40020, 8883).datagram_id(0x1001).fragment(185, true), Drop(Fragment));
+    t.row("a further fragment with its IP id, the other way round", FROM, tcp(n.broker, n.t1, 8883, 40020).datagram_id(0x1001).fragment(185, true), Drop(Fragment));
     if !is_v4 {
-        t.row("atomic fragment (offset 0, last)", FROM, tcp(n.t1, n.broker, 40020, 8883).fragment(0, false), Pass(Allowed));
-        t.row("fragment header after other extension headers", FROM, tcp(n.t1, n.broker, 40020, 8883).ext(&[EXT_HOP_BY_HOP, EXT_DEST_OPTS]).fragment(185, true), Drop(Fragment));
+        t.row("a further fragment whose 32-bit IP id differs above bit 16", FROM, first.clone().datagram_id(0x1_1001).fragment(185, true), Drop(Fragment));
     }
+    let denied_first = tcp(n.t1, n.world, 40020, 8883).datagram_id(0x1003);
+    t.row("first fragment of a denied flow", FROM, denied_first.clone().fragment(0, true), Drop(DefaultDeny));
+    t.row("...its second fragment", FROM, denied_first.clone().fragment(185, true), Drop(Fragment));
+    t.row("...its last fragment", FROM, denied_first.fragment(370, false), Drop(Fragment));
+    t.row("non-first fragment, first fragment never seen (offset 1)", FROM, udp(n.t1, n.ntp, 40020, 123).datagram_id(0x1004).fragment(1, true), Drop(Fragment));
+    t.row("non-first fragment of a tracked flow, its datagram's first fragment never seen", FROM, to_broker.clone().datagram_id(0x1005).fragment(185, false), Drop(Fragment));
+    t.row("non-first fragment from an unbound source", FROM, udp(n.unbound, n.ntp, 40020, 123).datagram_id(0x1006).fragment(185, false), Drop(UnknownDevice));
+    let audited_first = tcp(n.cam, n.world, 40020, 80).datagram_id(0x1007);
+    t.row("first fragment of a flow an audit segment would deny", FROM, audited_first.clone().fragment(0, true), Audit(DefaultDeny));
+    t.row("...its last fragment", FROM, audited_first.fragment(185, false), Audit(Fragment));
+    t.row("non-first fragment from an audit segment, first fragment never seen", FROM, tcp(n.cam, n.world, 40020, 80).datagram_id(0x1008).fragment(185, false), Audit(Fragment));
+    let accepted_first = tcp(n.ops, n.broker, 50020, 22).datagram_id(0x2001);
+    t.row("towards a device: first fragment of an accepted flow", UPLINK, accepted_first.clone().fragment(0, true), Pass(Allowed));
+    t.row("...its last fragment", UPLINK, accepted_first.clone().fragment(185, false), Pass(Reply));
+    let reply_from_device = accepted_first.reply().datagram_id(0x2006);
+    t.row("first fragment of mqtt-broker's reply to that accepted flow", FROM, reply_from_device.clone().fragment(0, true), Pass(Reply));
+    t.row("last fragment of mqtt-broker's reply datagram, whose first fragment passed as a reply", FROM, reply_from_device.fragment(185, false), Pass(Reply));
+    let reply_first = ntp_query.reply().datagram_id(0x2002);
+    t.row("towards a device: first fragment of a reply of a tracked flow", UPLINK, reply_first.clone().fragment(0, true), Pass(Reply));
+    t.row("towards a device: last fragment of NTP's reply datagram, whose first fragment passed as a reply", UPLINK, reply_first.fragment(185, false), Pass(Reply));
+    let unaccepted_first = tcp(n.world, n.t1, 443, 40020).datagram_id(0x2003);
+    t.row("towards a device: first fragment of a flow no rule accepts", UPLINK, unaccepted_first.clone().fragment(0, true), Drop(DefaultDeny));
+    t.row("...its last fragment", UPLINK, unaccepted_first.fragment(185, false), Drop(Fragment));
+    t.row("towards a device: non-first fragment, first fragment never seen", UPLINK, tcp(n.world, n.t1, 443, 40020).datagram_id(0x2004).fragment(185, false), Drop(Fragment));
+    t.row("towards an address that is no device: non-first fragment", UPLINK, tcp(n.ops, n.unbound, 50020, 22).datagram_id(0x2005).fragment(185, false), Drop(DefaultDeny));
+    if !is_v4 {
+        let atomic = tcp(n.t1, n.broker, 40021, 8883).datagram_id(0x3001);
+        t.row("atomic fragment (offset 0, last)", FROM, atomic.clone().fragment(0, false), Pass(Allowed));
+        t.row("...a further fragment with its IP id (an atomic fragment is a whole datagram)", FROM, atomic.fragment(185, false), Drop(Fragment));
+        let behind = tcp(n.t1, n.broker, 40022, 8883).ext(&[EXT_HOP_BY_HOP, EXT_DEST_OPTS]).datagram_id(0x3002);
+        t.row("first fragment, fragment header after other extension headers", FROM, behind.clone().fragment(0, true), Pass(Allowed));
+        t.row("...its last fragment", FROM, behind.fragment(185, false), Pass(Reply));
+    }
+}
+
+/// ICMP errors (ICMP 3/11/12, ICMPv6 1-4) about a packet of a tracked flow continue it, in
+/// both directions; any other ICMP error is a new ICMP flow. `to_broker` is a tracked flow
+/// from temp-001 to mqtt-broker.
+#[rustfmt::skip]
+fn icmp_error_rows(t: &mut Table, n: &Net, to_broker: &Frame) {
+    let is_v4 = n.family == "IPv4";
+    let other = if is_v4 { &V6 } else { &V4 };
+    // (name, type, code)
+    let errors: &[(&str, u8, u8)] = if is_v4 {
+        &[("host unreachable", 3, 1), ("port unreachable", 3, 3), ("time exceeded", 11, 0), ("parameter problem", 12, 0)]
+    } else {
+        &[("no route", 1, 0), ("port unreachable", 1, 4), ("packet too big", 2, 0), ("time exceeded", 3, 0), ("parameter problem", 4, 0)]
+    };
+    let (unreachable, port_unreachable) = if is_v4 { (3, 3) } else { (1, 4) };
+    // Errors come from routers on the way as often as from the destination.
+    let router = n.world;
+
+    let udp_flow = udp(n.t1, n.ntp, 40060, 123);
+    let tcp_flow = tcp(n.broker, n.cloud, 40061, 443);
+    let echo_flow = echo(n.t1, n.ntp, 0x0606);
+    t.row("temp-001 → NTP 123/udp", FROM, udp_flow.clone(), Pass(Allowed));
+    t.row("mqtt-broker → cloud 443/tcp", FROM, tcp_flow.clone(), Pass(Allowed));
+    t.row("temp-001 → NTP echo", FROM, echo_flow.clone(), Pass(Allowed));
+    for (flow_name, flow, device) in [("temp-001's UDP flow", &udp_flow, n.t1), ("mqtt-broker's TCP flow", &tcp_flow, n.broker), ("temp-001's echo", &echo_flow, n.t1)] {
+        for &(error, ty, code) in errors {
+            t.row(format!("{error} ({ty}/{code}) from a router about {flow_name}"), UPLINK, icmp_error(router, device, ty, code, flow), Pass(Reply));
+        }
+    }
+    t.row("port unreachable from NTP itself about temp-001's UDP flow", UPLINK, icmp_error(n.ntp, n.t1, unreachable, port_unreachable, &udp_flow), Pass(Reply));
+    if is_v4 {
+        t.row("port unreachable about temp-001's UDP flow, quote with IPv4 options", UPLINK, icmp_error(router, n.t1, unreachable, port_unreachable, &udp_flow.clone().options(2)), Pass(Reply));
+    }
+
+    t.row("unreachable about a flow never opened (temp-001 → world)", UPLINK, icmp_error(router, n.t1, unreachable, 0, &tcp(n.t1, n.world, 40062, 443)), Drop(DefaultDeny));
+    let denied = tcp(n.t1, n.world, 40063, 443);
+    t.row("temp-001 → world 443/tcp (denied)", FROM, denied.clone(), Drop(DefaultDeny));
+    t.row("unreachable about that denied flow", UPLINK, icmp_error(router, n.t1, unreachable, 0, &denied), Drop(DefaultDeny));
+    t.row("unreachable about temp-001's UDP flow, sent to temp-002", UPLINK, icmp_error(router, n.t2, unreachable, port_unreachable, &udp_flow), Drop(DefaultDeny));
+    t.row("unreachable about temp-001's UDP flow, another source port quoted", UPLINK, icmp_error(router, n.t1, unreachable, port_unreachable, &udp(n.t1, n.ntp, 40999, 123)), Drop(DefaultDeny));
+    t.row("unreachable about temp-001's UDP flow, another destination quoted", UPLINK, icmp_error(router, n.t1, unreachable, port_unreachable, &udp(n.t1, n.ntp_edge, 40060, 123)), Drop(DefaultDeny));
+    t.row("unreachable about temp-001's UDP flow's ports over TCP", UPLINK, icmp_error(router, n.t1, unreachable, 0, &tcp(n.t1, n.ntp, 40060, 123)), Drop(DefaultDeny));
+    t.row("unreachable about temp-001's echo, another identifier", UPLINK, icmp_error(router, n.t1, unreachable, 0, &echo(n.t1, n.ntp, 0x0607)), Drop(DefaultDeny));
+    t.row("unreachable about mqtt-broker's TCP flow, sent to temp-001", UPLINK, icmp_error(router, n.t1, unreachable, 0, &tcp_flow), Drop(DefaultDeny));
+    t.row(format!("redirect ({}) quoting temp-001's UDP flow (not an error about it)", if is_v4 { 5 } else { 137 }), UPLINK, icmp_error(router, n.t1, if is_v4 { 5 } else { 137 }, 0, &udp_flow), Drop(DefaultDeny));
+    if is_v4 {
+        t.row("source quench (4) quoting temp-001's UDP flow (not an error about it)", UPLINK, icmp_error(router, n.t1, 4, 0, &udp_flow), Drop(DefaultDeny));
+    }
+
+    let accepted = tcp(n.ops, n.broker, 50060, 22);
+    t.row("ops-vpn → mqtt-broker 22/tcp (accepted)", UPLINK, accepted.clone(), Pass(Allowed));
+    t.row("mqtt-broker's port unreachable about that accepted flow", FROM, icmp_error(n.broker, n.ops, unreachable, port_unreachable, &accepted), Pass(Reply));
+    t.row("mqtt-broker's port unreachable about a flow ops-vpn never opened", FROM, icmp_error(n.broker, n.ops, unreachable, port_unreachable, &tcp(n.ops, n.broker, 50061, 22)), Drop(DefaultDeny));
+    t.row("temp-001's port unreachable about NTP's reply", FROM, icmp_error(n.t1, n.ntp, unreachable, port_unreachable, &udp_flow.reply()), Pass(Reply));
+    t.row("temp-001's port unreachable about an NTP packet of no flow (icmp rule)", FROM, icmp_error(n.t1, n.ntp, unreachable, port_unreachable, &udp(n.ntp, n.t1, 123, 40999)), Pass(Allowed));
+    t.row("mqtt-broker's port unreachable about temp-001's flow to it (device to device)", FROM, icmp_error(n.broker, n.t1, unreachable, port_unreachable, to_broker), Pass(Reply));
+    t.row("temp-002's unreachable to mqtt-broker about temp-001's flow", FROM, icmp_error(n.t2, n.broker, unreachable, 0, to_broker), Drop(DefaultDeny));
+
+    // What cannot be read as a quoted packet leaves a plain ICMP packet, judged by the rules.
+    let (ip_header, l4) = if is_v4 { (20, 8) } else { (40, 8) };
+    let quote = |len: usize| icmp_error(router, n.t1, unreachable, port_unreachable, &udp_flow).cut_payload(len);
+    t.row(format!("temp-001's UDP flow quoted in full ({} bytes), for comparison", ip_header + l4), UPLINK, quote(ip_header + l4), Pass(Reply));
+    for (what, len) in [("no quote", 0), ("a quote cut inside its IP header", ip_header / 2), ("a quote of the IP header only", ip_header), ("a quote with 4 bytes of UDP header", ip_header + 4), ("a quote with 7 bytes of UDP header", ip_header + 7)] {
+        t.row(format!("unreachable about temp-001's UDP flow with {what}"), UPLINK, quote(len), Drop(DefaultDeny));
+    }
+    let damaged = |at: usize, byte: u8| {
+        let mut frame = icmp_error(router, n.t1, unreachable, port_unreachable, &udp_flow);
+        frame.payload[at] = byte;
+        frame
+    };
+    t.row("unreachable about temp-001's UDP flow, quote with another IP version", UPLINK, damaged(0, if is_v4 { 0x65 } else { 0x40 }), Drop(DefaultDeny));
+    if is_v4 {
+        t.row("unreachable about temp-001's UDP flow, quote with IHL 4", UPLINK, damaged(0, 0x44), Drop(DefaultDeny));
+        t.row("unreachable about temp-001's UDP flow, quote with IHL 15", UPLINK, damaged(0, 0x4f), Drop(DefaultDeny));
+    } else {
+        t.row("unreachable about temp-001's UDP flow, quote behind an extension header (not walked)", UPLINK, icmp_error(router, n.t1, unreachable, port_unreachable, &udp_flow.clone().ext(&[EXT_DEST_OPTS])), Drop(DefaultDeny));
+    }
+    t.row(format!("unreachable quoting an {} packet", other.family), UPLINK, icmp_error(router, n.t1, unreachable, port_unreachable, &udp(other.t1, other.ntp, 40060, 123)), Drop(DefaultDeny));
+    t.row("unreachable quoting an error about temp-001's UDP flow", UPLINK, icmp_error(router, n.t1, unreachable, 0, &icmp_error(n.t1, n.ntp, unreachable, 0, &udp_flow)), Drop(DefaultDeny));
+    t.row("temp-001's port unreachable about NTP's reply, quote cut short (icmp rule)", FROM, icmp_error(n.t1, n.ntp, unreachable, port_unreachable, &udp_flow.reply()).cut_payload(ip_header + 4), Pass(Allowed));
+    t.row("mqtt-broker's port unreachable about the accepted flow, quote cut short", FROM, icmp_error(n.broker, n.ops, unreachable, port_unreachable, &accepted).cut_payload(ip_header + 4), Drop(DefaultDeny));
+}
+
+/// SPEC §2 rule 3. `before` runs with the policy as compiled, `during` with mqtt-broker,
+/// temp-002 and cam-1 quarantined, `lifted` with the policy as compiled again; all three
+/// against the same conntrack.
+#[rustfmt::skip]
+fn quarantine_rows(before: &mut Table, during: &mut Table, lifted: &mut Table, n: &Net) {
+    let is_v4 = n.family == "IPv4";
+    for t in [&mut *before, &mut *during, &mut *lifted] {
+        t.prefix = n.family;
+        t.section("rule 3: quarantine");
+    }
+    let (unreachable, port_unreachable) = if is_v4 { (3, 3) } else { (1, 4) };
+
+    // Flows opened before the quarantine, by and to the devices that will be quarantined.
+    let t = before;
+    let broker_cloud = tcp(n.broker, n.cloud, 40050, 443);
+    let ops_ssh = tcp(n.ops, n.broker, 50050, 22);
+    let t1_broker = tcp(n.t1, n.broker, 40051, 8883);
+    let broker_hist = tcp(n.broker, n.hist, 40052, 443);
+    let t2_ntp = udp(n.t2, n.ntp, 40053, 123);
+    let hist_t2 = udp(n.hist, n.t2, 40054, 9);
+    let t2_datagram = udp(n.t2, n.ntp, 40055, 123).datagram_id(0x4001);
+    t.row("before: mqtt-broker → cloud 443/tcp", FROM, broker_cloud.clone(), Pass(Allowed));
+    t.row("before: ops-vpn → mqtt-broker 22/tcp (accepted)", UPLINK, ops_ssh.clone(), Pass(Allowed));
+    t.row("before: temp-001 → mqtt-broker 8883/tcp", FROM, t1_broker.clone(), Pass(Allowed));
+    t.row("before: mqtt-broker → hist-1 443/tcp", FROM, broker_hist.clone(), Pass(Allowed));
+    t.row("before: temp-002 → NTP 123/udp", FROM, t2_ntp.clone(), Pass(Allowed));
+    t.row("before: hist-1 → temp-002 9/udp", FROM, hist_t2.clone(), Pass(Allowed));
+    t.row("before: temp-002 → NTP 123/udp, first fragment", FROM, t2_datagram.clone().fragment(0, true), Pass(Allowed));
+    t.row("before: mqtt-broker → remediation-host 443/tcp (no rule outside the quarantine)", FROM, tcp(n.broker, n.remedy, 40056, 443), Drop(DefaultDeny));
+    t.row("before: ops-vpn → cam-1 22/tcp (audit segment)", UPLINK, tcp(n.ops, n.cam, 50051, 22), Audit(DefaultDeny));
+
+    let t = during;
+    let to_remedy = tcp(n.broker, n.remedy, 40056, 443);
+    let to_updates = tcp(n.broker, n.updates, 40057, 80);
+    t.row("mqtt-broker (quarantined) → remediation-host 443/tcp (Quarantine rule)", FROM, to_remedy.clone(), Pass(Allowed));
+    t.row("...remediation-host's reply", FROM, to_remedy.reply(), Pass(Reply));
+    t.row("...on its way out to mqtt-broker (judged at XDP)", DEVICE_SIDE, to_remedy.reply(), Pass(Allowed));
+    t.row("mqtt-broker (quarantined) → update server 80/tcp (Quarantine rule, a CIDR)", FROM, to_updates.clone(), Pass(Allowed));
+    t.row("...the update server's reply from the uplink (a flow opened in quarantine)", UPLINK, to_updates.reply(), Pass(Reply));
+    t.row("...mqtt-broker's next packet of it", FROM, to_updates.clone(), Pass(Allowed));
+    t.row("...a router's unreachable about it", UPLINK, icmp_error(n.world, n.broker, unreachable, 0, &to_updates), Pass(Reply));
+    t.row("mqtt-broker (quarantined) → remediation-host 8443/tcp", FROM, tcp(n.broker, n.remedy, 40056, 8443), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → remediation-host 443/udp", FROM, udp(n.broker, n.remedy, 40056, 443), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → update server 443/tcp", FROM, tcp(n.broker, n.updates, 40057, 443), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → cloud 443/tcp (its segment's rule)", FROM, tcp(n.broker, n.cloud, 40058, 443), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → cloud 2905/sctp (its segment's rule)", FROM, sctp(n.broker, n.cloud, 40058, 2905), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → hist-1 443/tcp (its segment's rule)", FROM, tcp(n.broker, n.hist, 40058, 443), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → world echo", FROM, echo(n.broker, n.world, 4), Drop(Quarantined));
+    t.row("mqtt-broker (quarantined) → temp-002 (quarantined) 443/tcp", FROM, tcp(n.broker, n.t2, 40058, 443), Drop(Quarantined));
+    t.row("temp-002 (quarantined) → NTP 123/udp (its segment's rule)", FROM, udp(n.t2, n.ntp, 40058, 123), Drop(Quarantined));
+    t.row("temp-002 (quarantined) → remediation-host 443/tcp (Quarantine rule)", FROM, tcp(n.t2, n.remedy, 40058, 443), Pass(Allowed));
+    t.row("temp-001 (same segment, not quarantined) → NTP 123/udp", FROM, udp(n.t1, n.ntp, 40058, 123), Pass(Allowed));
+    t.row("temp-001 → mqtt-broker 8883/tcp (to: the quarantined device)", FROM, tcp(n.t1, n.broker, 40058, 8883), Drop(Quarantined));
+    t.row("hist-1 → temp-002 9/udp (to: sensors, its quarantined member)", FROM, udp(n.hist, n.t2, 40058, 9), Drop(Quarantined));
+    t.row("hist-1 → temp-001 9/udp (to: sensors)", FROM, udp(n.hist, n.t1, 40058, 9), Pass(Allowed));
+    t.row("remediation-host → mqtt-broker 443/tcp (Quarantine rules go one way)", FROM, tcp(n.remedy, n.broker, 40058, 443), Drop(Quarantined));
+    t.row("ops-vpn → mqtt-broker 22/tcp (its accept rule)", UPLINK, tcp(n.ops, n.broker, 50052, 22), Drop(Quarantined));
+    t.row("cloud → mqtt-broker 8883/tcp (its accept rule)", UPLINK, tcp(n.cloud, n.broker, 50052, 8883), Drop(Quarantined));
+    t.row("world → mqtt-broker 22/tcp (no rule either)", UPLINK, tcp(n.world, n.broker, 50052, 22), Drop(Quarantined));
+    t.row("the gateway itself → mqtt-broker 22/tcp", LOCAL, tcp(n.gateway, n.broker, 50052, 22), Drop(Quarantined));
+
+    t.row("cloud's reply to mqtt-broker's flow from before", UPLINK, broker_cloud.reply(), Drop(Quarantined));
+    t.row("a router's unreachable about that flow", UPLINK, icmp_error(n.world, n.broker, unreachable, 0, &broker_cloud), Drop(Quarantined));
+    t.row("mqtt-broker's next packet of that flow", FROM, broker_cloud.clone(), Drop(Quarantined));
+    t.row("mqtt-broker's reply to the ssh flow accepted before", FROM, ops_ssh.reply(), Drop(Quarantined));
+    t.row("mqtt-broker's port unreachable about that ssh flow", FROM, icmp_error(n.broker, n.ops, unreachable, port_unreachable, &ops_ssh), Drop(Quarantined));
+    t.row("ops-vpn's next packet of that ssh flow", UPLINK, ops_ssh.clone(), Drop(Quarantined));
+    t.row("mqtt-broker's reply to temp-001's flow from before", FROM, t1_broker.reply(), Drop(Quarantined));
+    t.row("temp-001's next packet of that flow", FROM, t1_broker.clone(), Drop(Quarantined));
+    t.row("NTP's reply to temp-002's flow from before", UPLINK, t2_ntp.reply(), Drop(Quarantined));
+    t.row("temp-002's reply to hist-1's flow from before", FROM, hist_t2.reply(), Drop(Quarantined));
+    // The kernel judges a packet by the device at the hook's end; the daemon's flow cut
+    // (Datapath::cut_flows) ends these when it quarantines.
+    t.row("hist-1's reply to mqtt-broker's flow from before (judged at hist-1, not quarantined)", FROM, broker_hist.reply(), Pass(Reply));
+    t.row("temp-002's further fragment of a datagram from before (its first fragment passed)", FROM, t2_datagram.clone().fragment(185, false), Pass(Reply));
+    let remedy_datagram = tcp(n.t2, n.remedy, 40059, 443).datagram_id(0x4002);
+    t.row("temp-002 (quarantined) → remediation-host 443/tcp, first fragment", FROM, remedy_datagram.clone().fragment(0, true), Pass(Allowed));
+    t.row("...its last fragment", FROM, remedy_datagram.fragment(185, false), Pass(Reply));
+    t.row("temp-002's non-first fragment, first fragment never seen", FROM, udp(n.t2, n.ntp, 40059, 123).datagram_id(0x4003).fragment(185, false), Drop(Fragment));
+    t.row("towards mqtt-broker: non-first fragment, first fragment never seen", UPLINK, tcp(n.ops, n.broker, 50053, 22).datagram_id(0x4004).fragment(185, false), Drop(Fragment));
+
+    if is_v4 {
+        t.row("DHCP renewal from mqtt-broker (quarantined)", FROM, udp(n.broker, n.gateway, 68, 67), Pass(Essential));
+        t.row("gateway → mqtt-broker DHCP ack", LOCAL, udp(n.gateway, n.broker, 67, 68), Pass(Essential));
+        t.row("ARP who-has from mqtt-broker (quarantined)", FROM, arp(n.broker, n.gateway), Pass(Essential));
+        t.row("ARP with mqtt-broker's IP from another MAC", FROM, arp(n.broker, n.gateway).mac(EVIL_MAC), Drop(Spoof));
+    } else {
+        t.row("neighbour solicitation from mqtt-broker (quarantined)", FROM, icmp(n.broker, SOLICITED_NODE, 135), Pass(Essential));
+        t.row("DHCPv6 from mqtt-broker (quarantined)", FROM, udp(n.broker, DHCPV6_SERVERS, 546, 547), Pass(Essential));
+        t.row("gateway → mqtt-broker neighbour advertisement", LOCAL, icmp(n.gateway, n.broker, 136), Pass(Essential));
+    }
+    t.row("mqtt-broker's address from another MAC, a Quarantine flow", FROM, tcp(n.broker, n.remedy, 40059, 443).mac(EVIL_MAC), Drop(Spoof));
+    t.row("mqtt-broker's address from temp-001's MAC, a Quarantine flow", FROM, tcp(n.broker, n.remedy, 40059, 443).mac(T1_MAC), Drop(Spoof));
+
+    t.row("cam-1 (quarantined, audit segment) → hist-1 554/tcp (its segment's rule)", FROM, tcp(n.cam, n.hist, 40059, 554), Audit(Quarantined));
+    t.row("cam-1 (quarantined, audit segment) → remediation-host 443/tcp", FROM, tcp(n.cam, n.remedy, 40059, 443), Pass(Allowed));
+    t.row("ops-vpn → cam-1 (quarantined, audit segment) 22/tcp", UPLINK, tcp(n.ops, n.cam, 50054, 22), Audit(Quarantined));
+    t.row("temp-001 (enforcing) → cam-1 (quarantined, audit segment) 554/tcp", FROM, tcp(n.t1, n.cam, 40059, 554), Drop(Quarantined));
+    t.row("cam-1's address from another MAC", FROM, tcp(n.cam, n.remedy, 40059, 443).mac(EVIL_MAC), Audit(Spoof));
+
+    let t = lifted;
+    t.row("lifted: mqtt-broker → cloud 443/tcp", FROM, tcp(n.broker, n.cloud, 40058, 443), Pass(Allowed));
+    t.row("lifted: mqtt-broker → remediation-host 443/tcp (no rule outside the quarantine)", FROM, tcp(n.broker, n.remedy, 40058, 443), Drop(DefaultDeny));
+    t.row("lifted: ops-vpn → mqtt-broker 22/tcp", UPLINK, tcp(n.ops, n.broker, 50055, 22), Pass(Allowed));
+    t.row("lifted: temp-001 → mqtt-broker 8883/tcp", FROM, tcp(n.t1, n.broker, 40058, 8883), Pass(Allowed));
+    t.row("lifted: hist-1 → temp-002 9/udp", FROM, udp(n.hist, n.t2, 40058, 9), Pass(Allowed));
+    t.row("lifted: cam-1 → hist-1 554/tcp", FROM, tcp(n.cam, n.hist, 40058, 554), Pass(Allowed));
+    t.row("lifted: the update server's reply to the flow opened in quarantine", UPLINK, to_updates.reply(), Pass(Reply));
 }
 
 #[rustfmt::skip]
@@ -564,7 +823,7 @@ fn audit_rows(t: &mut Table) {
     t.row("temp-001 from another MAC", FROM, tcp(V4.t1, V4.broker, 40040, 8883).mac(EVIL_MAC), Audit(Spoof));
     t.row("spoofed ARP", FROM, arp(V4.t1, V4.gateway).mac(EVIL_MAC), Audit(Spoof));
     t.row("LLDP", FROM, ethertype(0x88cc), Audit(NonIp));
-    t.row("non-first fragment", FROM, udp(V4.t1, V4.ntp, 40040, 123).fragment(185, false), Audit(Fragment));
+    t.row("non-first fragment, first fragment never seen", FROM, udp(V4.t1, V4.ntp, 40040, 123).datagram_id(0x5001).fragment(185, false), Audit(Fragment));
     t.row("IHL 4", FROM, patch(tcp(V4.t1, V4.broker, 40040, 8883), ETH_HLEN, &[0x44]), Audit(Malformed));
     t.row("temp-001 → mqtt-broker 8883/tcp", FROM, tcp(V4.t1, V4.broker, 40041, 8883), Pass(Allowed));
     t.row("DHCP discover", FROM, udp(v4(0, 0, 0, 0), v4(255, 255, 255, 255), 68, 67), Pass(Essential));
@@ -588,9 +847,21 @@ fn hook_name(hook: Hook) -> &'static str {
     }
 }
 
-fn compiled() -> CompiledPolicy {
+fn compiled(state: &DeviceState) -> CompiledPolicy {
     let policy = load_str(Path::new("tables.yaml"), POLICY).expect("the table policy loads");
-    compile(&policy, &[V4.gateway, V6.gateway]).expect("the table policy compiles")
+    compile_with(&policy, &[V4.gateway, V6.gateway], state).expect("the table policy compiles")
+}
+
+/// The devices the quarantine rows quarantine: one with a pinned MAC and accept rules, one
+/// in a segment another segment's rules target, one in an audit-mode segment.
+fn quarantine_state() -> DeviceState {
+    DeviceState {
+        quarantined: ["mqtt-broker", "temp-002", "cam-1"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ..DeviceState::default()
+    }
 }
 
 /// Runs `rows` through kernel and host; what failed, with the frame in hex.
@@ -619,28 +890,50 @@ fn run(kernel: &mut Kernel, host: &Host, policy: &CompiledPolicy, rows: &[Row]) 
 
 #[test]
 fn verdict_table() {
-    let policy = compiled();
+    let plain = compiled(&DeviceState::default());
+    let quarantined = compiled(&quarantine_state());
     let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(policy.clone())
-        .expect("installing the table policy");
     let mut host = Host::default();
 
     let mut enforced = Table::default();
+    let (mut during, mut lifted) = (Table::default(), Table::default());
     once_rows(&mut enforced);
     family_rows(&mut enforced, &V4);
     family_rows(&mut enforced, &V6);
     malformed_rows(&mut enforced);
-    let mut failures = run(&mut kernel, &host, &policy, &enforced.rows);
-
+    quarantine_rows(&mut enforced, &mut during, &mut lifted, &V4);
+    quarantine_rows(&mut enforced, &mut during, &mut lifted, &V6);
     let mut audit = Table::default();
     audit_rows(&mut audit);
-    kernel.datapath.set_audit(true).expect("audit mode on");
-    host.audit = true;
-    failures.extend(run(&mut kernel, &host, &policy, &audit.rows));
 
-    let rows: Vec<&Row> = enforced.rows.iter().chain(&audit.rows).collect();
+    // Each phase installs its policy into the same datapath: tracked flows carry over.
+    let phases = [
+        ("as compiled", &plain, false, &enforced),
+        (
+            "mqtt-broker, temp-002, cam-1 quarantined",
+            &quarantined,
+            false,
+            &during,
+        ),
+        ("quarantine lifted", &plain, false, &lifted),
+        ("agent in audit mode", &plain, true, &audit),
+    ];
+    let mut failures = Vec::new();
+    for (phase, policy, audit, table) in phases {
+        kernel
+            .datapath
+            .install(policy.clone())
+            .unwrap_or_else(|e| panic!("installing the policy ({phase}): {e}"));
+        kernel
+            .datapath
+            .set_audit(audit)
+            .expect("setting audit mode");
+        host.audit = audit;
+        let failed = run(&mut kernel, &host, policy, &table.rows);
+        failures.extend(failed.into_iter().map(|f| format!("({phase}) {f}")));
+    }
+
+    let rows: Vec<&Row> = phases.iter().flat_map(|p| &p.3.rows).collect();
     let mut sections: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for row in &rows {
         let (passes, drops) = sections.entry(row.section).or_default();
@@ -716,6 +1009,8 @@ fn frames_are_real() {
         icmp(LINK_LOCAL, ALL_ROUTERS, 133),
         tcp(V6.t1, V6.broker, 40000, 8883).tag(ETH_P_8021AD),
         arp(V4.t1, V4.gateway).mac(T1_MAC),
+        icmp_error(V4.world, V4.t1, 3, 3, &udp(V4.t1, V4.ntp, 40000, 123)),
+        icmp_error(V6.world, V6.t1, 2, 0, &tcp(V6.t1, V6.ntp, 40000, 123)),
     ];
     for frame in frames {
         let bytes = frame.bytes();
@@ -747,6 +1042,52 @@ fn frames_are_real() {
             Err(reason) => format!("error {reason:?}"),
         };
         assert_eq!(ours, theirs, "{frame:?}\n{}", hex(&bytes));
+    }
+}
+
+/// The builder's IP ids and ICMP quotes are where the parser looks for them.
+#[test]
+fn fragments_and_quotes_are_where_the_parser_looks() {
+    for (frame, id) in [
+        (udp(V4.t1, V4.ntp, 40000, 123).datagram_id(0xbeef), 0xbeef),
+        (
+            udp(V6.t1, V6.ntp, 40000, 123).datagram_id(0x1234_5678),
+            0x1234_5678,
+        ),
+        (
+            udp(V6.t1, V6.ntp, 40000, 123)
+                .ext(&[EXT_HOP_BY_HOP, EXT_DEST_OPTS])
+                .datagram_id(0xfeed_f00d),
+            0xfeed_f00d,
+        ),
+    ] {
+        let bytes = frame.clone().fragment(185, true).bytes();
+        match parse(&Packet::from_slice(&bytes)) {
+            Ok(Parsed::Fragment(f)) => assert_eq!(f.datagram_id, id, "{}", hex(&bytes)),
+            other => panic!("{other:?} from {}", hex(&bytes)),
+        }
+        let bytes = frame.fragment(0, true).bytes();
+        match parse(&Packet::from_slice(&bytes)) {
+            Ok(Parsed::Ip(flow)) => {
+                assert!(flow.first_fragment, "{}", hex(&bytes));
+                assert_eq!(flow.datagram_id, id, "{}", hex(&bytes));
+            }
+            other => panic!("{other:?} from {}", hex(&bytes)),
+        }
+    }
+    for (n, ty) in [(&V4, 11), (&V6, 3)] {
+        let quoted = udp(n.t1, n.ntp, 40000, 123);
+        let bytes = icmp_error(n.world, n.t1, ty, 0, &quoted).bytes();
+        let Ok(Parsed::Ip(flow)) = parse(&Packet::from_slice(&bytes)) else {
+            panic!("an ICMP error does not parse: {}", hex(&bytes));
+        };
+        let related = flow.related.expect("the quote is read");
+        assert_eq!(
+            (related.dst, related.sport, related.dport, related.protocol),
+            (segward::policy::compile::addr_octets(n.ntp), 40000, 123, 17),
+            "{}",
+            hex(&bytes)
+        );
     }
 }
 

@@ -843,7 +843,7 @@ impl Agent {
                 )
             })
             .collect();
-        sources.sort_by(|a, b| b.0.cmp(&a.0));
+        sources.sort_by_key(|s| std::cmp::Reverse(s.0));
         Ok(sources.into_iter().map(|(_, s)| s).collect())
     }
 

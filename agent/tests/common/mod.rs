@@ -115,7 +115,12 @@ pub struct IpPacket {
     pub fragment: (u16, bool),
     /// IPv6 extension headers in order (`EXT_*`).
     pub ext: Vec<u8>,
+    /// The identification of the IPv4 header (16 bits) or of every IPv6 fragment header.
+    pub datagram_id: u32,
 }
+
+/// The IP identification of frames that were given none.
+pub const DEFAULT_DATAGRAM_ID: u32 = 0x1234;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
@@ -127,6 +132,13 @@ pub enum L4 {
     Icmp {
         ty: u8,
         id: u16,
+    },
+    /// An ICMP/ICMPv6 error (or any type) with a code: its second word is zero, except for
+    /// ICMPv6 packet too big (the MTU, 1280). The quoted packet is the frame's payload
+    /// (see [`icmp_error`]).
+    IcmpError {
+        ty: u8,
+        code: u8,
     },
     /// Any other protocol number, with 8 bytes of zeroes.
     Proto(u8),
@@ -159,6 +171,15 @@ pub fn echo_reply(src: IpAddr, dst: IpAddr, id: u16) -> Frame {
     ip_frame(src, dst, L4::Icmp { ty, id })
 }
 
+/// An ICMP (IPv4) or ICMPv6 (IPv6) error of type `ty` and code `code` quoting the IP
+/// packet of `quoted` (all of it: the frames here are far shorter than the quoting limits).
+/// [`Frame::cut_payload`] shortens the quote.
+pub fn icmp_error(src: IpAddr, dst: IpAddr, ty: u8, code: u8, quoted: &Frame) -> Frame {
+    let mut frame = ip_frame(src, dst, L4::IcmpError { ty, code });
+    frame.payload = quoted.ip_bytes();
+    frame
+}
+
 pub fn proto(src: IpAddr, dst: IpAddr, protocol: u8) -> Frame {
     ip_frame(src, dst, L4::Proto(protocol))
 }
@@ -176,6 +197,7 @@ pub fn ip_frame(src: IpAddr, dst: IpAddr, l4: L4) -> Frame {
         option_words: 0,
         fragment: (0, false),
         ext: Vec::new(),
+        datagram_id: DEFAULT_DATAGRAM_ID,
     }))
 }
 
@@ -235,6 +257,23 @@ impl Frame {
         self
     }
 
+    /// The datagram's IP identification (16 bits in IPv4, 32 in IPv6 fragment headers).
+    pub fn datagram_id(mut self, id: u32) -> Self {
+        let ip = self.ip_mut();
+        assert!(
+            ip.src.is_ipv6() || id <= 0xffff,
+            "an IPv4 identification has 16 bits: {id:#x}"
+        );
+        ip.datagram_id = id;
+        self
+    }
+
+    /// Keeps the first `len` bytes after the last header (of an ICMP error: of its quote).
+    pub fn cut_payload(mut self, len: usize) -> Self {
+        self.payload.truncate(len);
+        self
+    }
+
     pub fn ext(mut self, headers: &[u8]) -> Self {
         self.ip_mut().ext = headers.to_vec();
         self
@@ -267,6 +306,7 @@ impl Frame {
                 },
                 id,
             },
+            L4::IcmpError { ty, code } => L4::IcmpError { ty, code },
             L4::Proto(p) => L4::Proto(p),
         };
         Frame {
@@ -293,6 +333,11 @@ impl Frame {
 
     pub fn bytes(&self) -> Vec<u8> {
         self.encode().0
+    }
+
+    /// The IP packet (or ARP payload): the frame without its Ethernet header and tags.
+    pub fn ip_bytes(&self) -> Vec<u8> {
+        self.bytes().split_off(ETH_HLEN + 4 * self.tags.len())
     }
 
     /// The end offset and name of each header, in order.
@@ -354,7 +399,7 @@ impl IpPacket {
                 let total = (header_len + l4.len() + payload) as u16;
                 out.extend([0x40 | (header_len / 4) as u8, 0]);
                 out.extend(total.to_be_bytes());
-                out.extend([0x12, 0x34]);
+                out.extend((self.datagram_id as u16).to_be_bytes());
                 out.extend(((offset & 0x1fff) | if more { 0x2000 } else { 0 }).to_be_bytes());
                 out.extend([64, protocol, 0, 0]);
                 out.extend(src.octets());
@@ -383,7 +428,9 @@ impl IpPacket {
                     match header {
                         EXT_AUTH => out[start + 1] = 1, // (1 + 2) * 4 = 12 bytes
                         EXT_FRAGMENT => {
-                            out[start + 2..start + 4].copy_from_slice(&fragment.to_be_bytes())
+                            out[start + 2..start + 4].copy_from_slice(&fragment.to_be_bytes());
+                            out[start + 4..start + 8]
+                                .copy_from_slice(&self.datagram_id.to_be_bytes());
                         }
                         _ => {} // 0: (0 + 1) * 8 = 8 bytes
                     }
@@ -432,6 +479,13 @@ impl L4 {
                 h[4..6].copy_from_slice(&id.to_be_bytes());
                 (if v4 { 1 } else { 58 }, h)
             }
+            L4::IcmpError { ty, code } => {
+                let mut h = vec![ty, code, 0, 0, 0, 0, 0, 0];
+                if !v4 && ty == 2 {
+                    h[4..8].copy_from_slice(&1280u32.to_be_bytes());
+                }
+                (if v4 { 1 } else { 58 }, h)
+            }
             L4::Proto(p) => (p, vec![0; 8]),
         }
     }
@@ -441,8 +495,8 @@ impl L4 {
             L4::Tcp(..) => "TCP header",
             L4::Udp(..) => "UDP header",
             L4::Sctp(..) => "SCTP header",
-            L4::Icmp { .. } if v4 => "ICMP header",
-            L4::Icmp { .. } => "ICMPv6 header",
+            L4::Icmp { .. } | L4::IcmpError { .. } if v4 => "ICMP header",
+            L4::Icmp { .. } | L4::IcmpError { .. } => "ICMPv6 header",
             L4::Proto(_) => "payload",
         }
     }
