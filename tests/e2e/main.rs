@@ -11,6 +11,7 @@ mod audit;
 mod conntrack;
 mod enforcement;
 mod events;
+mod ipv6;
 mod lab_selftest;
 mod reload;
 mod restart;
