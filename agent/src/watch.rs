@@ -25,17 +25,18 @@ pub struct WatchError {
     pub source: notify::Error,
 }
 
-/// Watches `dir` (with its subdirectories if `recursive`): `changes` gets a message once a
-/// burst of changes to paths that `relevant` accepts has been quiet for `quiet`. Lost
-/// events count as changes. Several bursts before the receiver looks are one message.
+/// Watches each directory of `dirs` (with its subdirectories where the flag says so):
+/// `changes` gets a message once a burst of changes to paths that `relevant` accepts has
+/// been quiet for `quiet`. Lost events count as changes. Several bursts before the
+/// receiver looks are one message.
 pub fn watch(
-    dir: &Path,
-    recursive: bool,
+    dirs: &[(&Path, bool)],
     quiet: Duration,
     relevant: impl Fn(&Path) -> bool + Send + 'static,
 ) -> Result<Watch, WatchError> {
+    let first = dirs.first().map_or(PathBuf::new(), |(d, _)| d.to_path_buf());
     let watch_error = |source| WatchError {
-        path: dir.to_path_buf(),
+        path: first.clone(),
         source,
     };
     let (raw_tx, raw_rx) = std_mpsc::channel::<()>();
@@ -56,12 +57,17 @@ pub fn watch(
         }
     })
     .map_err(watch_error)?;
-    let mode = if recursive {
-        RecursiveMode::Recursive
-    } else {
-        RecursiveMode::NonRecursive
-    };
-    watcher.watch(dir, mode).map_err(watch_error)?;
+    for &(dir, recursive) in dirs {
+        let mode = if recursive {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        watcher.watch(dir, mode).map_err(|source| WatchError {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
 
     let (tx, changes) = mpsc::channel(1);
     // Debounce on a thread of its own, so that no runtime is needed here. It ends when the

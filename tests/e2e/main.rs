@@ -13,6 +13,7 @@ mod enforcement;
 mod events;
 mod ipv6;
 mod lab_selftest;
+mod operability;
 mod reload;
 mod restart;
 mod spoofing;

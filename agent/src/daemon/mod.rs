@@ -247,26 +247,31 @@ async fn next_change(watch: &mut Option<Watch>) -> Option<()> {
     }
 }
 
-/// Watches the policy directory and, since it may be replaced as a whole (a rename, a
-/// symlink swap), its parent; `.git` internals and editors' scratch files do not count.
+/// Watches the policy directory (where its path leads now, recursively) and the directory
+/// holding its path as configured, since the path may be swapped as a whole (a rename, a
+/// git-sync symlink swap). `.git` internals and editors' scratch files do not count.
 fn watch_policy(dir: &std::path::Path) -> anyhow::Result<Watch> {
-    let canonical = dir
-        .canonicalize()
-        .with_context(|| format!("policy directory {}", dir.display()))?;
-    let watched = match canonical.parent() {
-        Some(parent) => parent.to_path_buf(),
-        None => canonical.clone(),
+    let context = || format!("policy directory {}", dir.display());
+    let configured = std::path::absolute(dir).with_context(context)?;
+    let target = dir.canonicalize().with_context(context)?;
+    let holder = configured.parent().unwrap_or(&configured).to_path_buf();
+    let relevant = {
+        let (configured, target) = (configured.clone(), target.clone());
+        move |path: &std::path::Path| {
+            let in_git = path.components().any(|c| c.as_os_str() == ".git");
+            let scratch = path.extension().is_some_and(|e| e == "swp" || e == "tmp")
+                || path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with('~'));
+            let ours = path == configured || path.starts_with(&target);
+            ours && !in_git && !scratch
+        }
     };
-    let relevant = move |path: &std::path::Path| {
-        let in_git = path.components().any(|c| c.as_os_str() == ".git");
-        let scratch = path.extension().is_some_and(|e| e == "swp" || e == "tmp")
-            || path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with('~'));
-        let near = path.starts_with(&canonical) || canonical.starts_with(path);
-        near && !in_git && !scratch
-    };
-    Ok(watch::watch(&watched, true, POLICY_QUIET, relevant)?)
+    Ok(watch::watch(
+        &[(&target, true), (&holder, false)],
+        POLICY_QUIET,
+        relevant,
+    )?)
 }
 
 fn statics_of(policy: &Policy) -> HashMap<IpAddr, String> {

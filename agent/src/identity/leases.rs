@@ -166,7 +166,7 @@ pub fn watch(path: &Path) -> Result<Watch, LeaseError> {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    crate::watch::watch(&dir, false, DEBOUNCE, move |p| {
+    crate::watch::watch(&[(&dir, false)], DEBOUNCE, move |p| {
         p.file_name() == Some(name.as_os_str())
     })
     .map_err(|e| LeaseError::Watch {
