@@ -127,10 +127,13 @@ pub enum Reason {
     /// A quarantined device opened a flow the Quarantine rules do not allow, or something
     /// tried to open a flow to a quarantined device.
     Quarantined = 9,
+    /// Towards a device from another device-facing interface: judged (and counted) where
+    /// it came in, passed here.
+    Forwarded = 10,
 }
 
 /// Number of [`Reason`]s; counters are indexed `reason + REASON_COUNT * audited`.
-pub const REASON_COUNT: u32 = 10;
+pub const REASON_COUNT: u32 = 11;
 /// Slots of the `COUNTERS` array: enforced and audited per reason, then suppressed events.
 pub const COUNTER_SLOTS: u32 = REASON_COUNT * 2 + 1;
 /// The counter of events dropped by the per-source rate limit.
@@ -148,16 +151,20 @@ impl Reason {
         Reason::Fragment,
         Reason::Reply,
         Reason::Quarantined,
+        Reason::Forwarded,
     ];
 
     #[inline(always)]
     pub const fn passes(self) -> bool {
-        matches!(self, Reason::Allowed | Reason::Essential | Reason::Reply)
+        matches!(
+            self,
+            Reason::Allowed | Reason::Essential | Reason::Reply | Reason::Forwarded
+        )
     }
 
     pub const fn from_number(n: u8) -> Option<Reason> {
         match n {
-            0..=9 => Some(Reason::ALL[n as usize]),
+            0..=10 => Some(Reason::ALL[n as usize]),
             _ => None,
         }
     }
@@ -174,6 +181,7 @@ impl Reason {
             Reason::Fragment => "fragment",
             Reason::Reply => "reply",
             Reason::Quarantined => "quarantined",
+            Reason::Forwarded => "forwarded",
         }
     }
 }
@@ -392,7 +400,7 @@ fn decide_to_device<T: Tables>(
         ..Decision::new(reason)
     };
     if from_device_iface {
-        return passed(Reason::Allowed);
+        return passed(Reason::Forwarded);
     }
     let flow = match packet {
         Parsed::Ip(flow) => flow,

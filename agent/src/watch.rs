@@ -34,7 +34,9 @@ pub fn watch(
     quiet: Duration,
     relevant: impl Fn(&Path) -> bool + Send + 'static,
 ) -> Result<Watch, WatchError> {
-    let first = dirs.first().map_or(PathBuf::new(), |(d, _)| d.to_path_buf());
+    let first = dirs
+        .first()
+        .map_or(PathBuf::new(), |(d, _)| d.to_path_buf());
     let watch_error = |source| WatchError {
         path: first.clone(),
         source,

@@ -441,7 +441,7 @@ fn family_rows(t: &mut Table, n: &Net) {
 
     t.section("rule 4: replies");
     t.row("mqtt-broker's reply to temp-001 (device to device)", FROM, to_broker.reply(), Pass(Reply));
-    t.row("...and on its way out to temp-001 (judged at XDP)", DEVICE_SIDE, to_broker.reply(), Pass(Allowed));
+    t.row("...and on its way out to temp-001 (judged at XDP)", DEVICE_SIDE, to_broker.reply(), Pass(Forwarded));
     t.row("mqtt-broker → temp-001 on another port", FROM, tcp(n.broker, n.t1, 8883, 40999), Drop(DefaultDeny));
     t.row("NTP reply from the uplink", UPLINK, ntp_query.reply(), Pass(Reply));
     t.row("NTP reply to another port", UPLINK, udp(n.ntp, n.t1, 123, 40999), Drop(DefaultDeny));
@@ -456,8 +456,8 @@ fn family_rows(t: &mut Table, n: &Net) {
     let denied = tcp(n.t1, n.world, 40010, 443);
     t.row("temp-001 → world 443/tcp (denied)", FROM, denied.clone(), Drop(DefaultDeny));
     t.row("...its reply-looking answer", UPLINK, denied.reply(), Drop(DefaultDeny));
-    t.row("from a device-facing interface to temp-002 (judged at XDP)", DEVICE_SIDE, tcp(n.t1, n.t2, 40011, 9999), Pass(Allowed));
-    t.row("from a device-facing interface, any source", DEVICE_SIDE, tcp(n.world, n.broker, 40011, 9999), Pass(Allowed));
+    t.row("from a device-facing interface to temp-002 (judged at XDP)", DEVICE_SIDE, tcp(n.t1, n.t2, 40011, 9999), Pass(Forwarded));
+    t.row("from a device-facing interface, any source", DEVICE_SIDE, tcp(n.world, n.broker, 40011, 9999), Pass(Forwarded));
 
     t.section("rule 6: default deny");
     t.row("temp-001 → world 80/tcp", FROM, tcp(n.t1, n.world, 40012, 80), Drop(DefaultDeny));
@@ -647,7 +647,7 @@ fn quarantine_rows(before: &mut Table, during: &mut Table, lifted: &mut Table, n
     let to_updates = tcp(n.broker, n.updates, 40057, 80);
     t.row("mqtt-broker (quarantined) → remediation-host 443/tcp (Quarantine rule)", FROM, to_remedy.clone(), Pass(Allowed));
     t.row("...remediation-host's reply", FROM, to_remedy.reply(), Pass(Reply));
-    t.row("...on its way out to mqtt-broker (judged at XDP)", DEVICE_SIDE, to_remedy.reply(), Pass(Allowed));
+    t.row("...on its way out to mqtt-broker (judged at XDP)", DEVICE_SIDE, to_remedy.reply(), Pass(Forwarded));
     t.row("mqtt-broker (quarantined) → update server 80/tcp (Quarantine rule, a CIDR)", FROM, to_updates.clone(), Pass(Allowed));
     t.row("...the update server's reply from the uplink (a flow opened in quarantine)", UPLINK, to_updates.reply(), Pass(Reply));
     t.row("...mqtt-broker's next packet of it", FROM, to_updates.clone(), Pass(Allowed));
