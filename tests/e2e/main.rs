@@ -8,12 +8,17 @@
 mod lab;
 
 mod audit;
+mod audit_log;
 mod conntrack;
+mod control;
+mod demo;
 mod enforcement;
 mod events;
+mod identity;
 mod ipv6;
 mod lab_selftest;
 mod operability;
+mod quarantine;
 mod reload;
 mod restart;
 mod spoofing;

@@ -8,9 +8,17 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Path of the `segward` binary cargo built for this test run.
+/// Path of the `segward` binary: the one cargo built for this test run; in a program that
+/// is not one of segward's tests (`cargo xtask demo` includes the lab), `$SEGWARD_BIN`.
 pub fn segward_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_segward")
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_segward") {
+        return bin;
+    }
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("SEGWARD_BIN")
+            .unwrap_or_else(|_| panic!("lab: set SEGWARD_BIN to the segward binary to run"))
+    })
 }
 
 /// Runs `segward ARGS...` (a CLI command such as `check`, `explain`, `status`) to

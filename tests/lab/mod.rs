@@ -47,6 +47,7 @@
 #![allow(dead_code, unused_imports)] // each e2e test module uses a different part of the API
 
 mod daemon;
+mod files;
 mod netns;
 mod traffic;
 
@@ -58,6 +59,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use daemon::{segward, segward_bin, Daemon, READY_TIMEOUT, STOP_GRACE};
+pub use files::wait_until;
 pub use netns::{exists as netns_exists, list as netns_list};
 pub use traffic::{sockaddr, IpLike, Outcome, Probe, Proto, TcpConn, TcpServer, UdpServer};
 
@@ -384,6 +386,10 @@ impl Lab {
             .collect();
         for ns in &all {
             if let Err(e) = netns::add(ns) {
+                // `ip netns add` killed half-way (a Ctrl-C) can leave the name behind.
+                if netns::exists(ns) {
+                    self.created.push(ns.clone());
+                }
                 panic!("lab setup failed: {e}");
             }
             self.created.push(ns.clone());
@@ -679,6 +685,17 @@ impl Lab {
         netns::run_in(self.netns_of(host), f)
     }
 
+    /// Runs `f` on a background thread inside `host`'s network namespace, e.g. traffic that
+    /// goes on while the test changes something; join the handle for `f`'s result.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let ns = self.netns_of(host).to_string();
+        std::thread::spawn(move || netns::run_in(&ns, f))
+    }
+
     /// `ip netns exec <ns of host> ARGS...`, output captured, exit status not checked.
     pub fn exec(&self, host: &str, args: &[&str]) -> Output {
         netns::exec(self.netns_of(host), args)
@@ -855,6 +872,19 @@ impl Lab {
                 })
             })
             .collect()
+    }
+
+    /// Asserts that every flow of `judge_flows` is judged as expected; `what` names the
+    /// moment in the failure message.
+    #[track_caller]
+    pub fn assert_flows(&self, what: &str, cases: &[(&str, &str, Probe, bool)]) {
+        let failures = self.judge_flows(cases);
+        assert!(
+            failures.is_empty(),
+            "{what}: {} flows judged wrongly:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
     }
 
     /// Starts `segward ARGS... --netns <gateway ns>` and waits (≤ 20 s) until it reports

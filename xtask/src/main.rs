@@ -1,6 +1,13 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
 
+mod demo_task;
 mod setup;
+
+// The demo's story and the lab it runs in, shared with the e2e tests (tests/e2e/demo.rs).
+#[path = "../../tests/demo/mod.rs"]
+mod demo;
+#[path = "../../tests/lab/mod.rs"]
+mod lab;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -26,7 +33,9 @@ enum Task {
     /// Set up, build, then run every test: host unit tests and the privileged kernel and
     /// end-to-end tests.
     Test,
-    /// The virtual smart-factory lab.
+    /// Set up, build segward, then play the smart-factory story in network namespaces
+    /// with real traffic: telemetry allowed, a sensor denied, a scanning camera quarantined
+    /// automatically and released. Cleans up after itself (also on Ctrl-C).
     Demo,
 }
 
@@ -38,12 +47,7 @@ fn main() -> Result<()> {
             build_ebpf()
         }
         Task::Test => test(),
-        Task::Demo => {
-            println!(
-                "cargo xtask demo: not yet — the virtual lab lands with the operability work."
-            );
-            Ok(())
-        }
+        Task::Demo => demo_task::demo(),
     }
 }
 
