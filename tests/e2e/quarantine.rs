@@ -365,7 +365,13 @@ fn quarantine_and_learned_bindings_survive_kill_9_and_a_restart() {
         lab.tcp_listen(UPLINK, "198.51.100.20:443"),
     );
     let leases = lab.lease_file().display().to_string();
-    let args = ["--dhcp-leases", leases.as_str()];
+    let log = lab.audit_log().display().to_string();
+    let args = [
+        "--dhcp-leases",
+        leases.as_str(),
+        "--audit-log",
+        log.as_str(),
+    ];
     let mut first = lab.start_enforcing(&args);
 
     let bound = lab.control(&["bind", "temp-001", "10.20.1.50"]);
@@ -435,6 +441,20 @@ fn quarantine_and_learned_bindings_survive_kill_9_and_a_restart() {
     assert_eq!(after.0 .2["reason"], "ticket 4711");
     assert_eq!(after.0 .2["by"], "manual");
     assert_eq!(after.2 .0, ["10.20.1.61(lease)"]);
+    // The move that happened while no daemon ran is on the record, as any other.
+    let moved = |event: &str, address: &str| {
+        lab.audit_events().iter().any(|e| {
+            e["event"] == event
+                && e["device"] == "temp-002"
+                && e["address"] == address
+                && e["source"] == "lease"
+        })
+    };
+    assert!(
+        moved("unbind", "10.20.1.60") && moved("bind", "10.20.1.61"),
+        "no unbind of .60 and bind of .61 in the audit log: {:?}",
+        lab.audit_events()
+    );
     // (temp-002's probe now names its source: it has two addresses.)
     let mut enforced: Vec<_> = enforced
         .iter()

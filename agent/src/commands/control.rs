@@ -163,7 +163,9 @@ fn execute(daemon: &DaemonArgs, request: Request) -> ExitCode {
         Ok(reply) => reply,
         Err(message) => {
             eprintln!("segward: {message}");
-            return ExitCode::from(1);
+            // A refused peer cannot use the daemon, as if the socket's mode had stopped it.
+            let refused = message == crate::control::server::NOT_ROOT;
+            return ExitCode::from(if refused { 3 } else { 1 });
         }
     };
     let text = if daemon.json {

@@ -96,7 +96,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     )?;
     let bindings = Bindings {
         binds: state.binds.clone(),
-        ..Bindings::default()
+        leases: state.leases.clone(),
     };
     let mut agent = Agent {
         gateway: netns.gateway_addresses()?,
@@ -116,10 +116,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         started: Instant::now(),
         next_lease_expiry: None,
     };
-    agent.read_leases();
     let compiled = agent.compile(&agent.policy)?;
     agent.install(compiled)?;
     agent.policy_loaded();
+    // Leases that changed while no daemon ran: applied, cut and recorded like any change.
+    agent.leases_changed();
     for iface in &config.device_ifaces {
         agent.datapath.attach_device_iface(&netns, iface)?;
     }
@@ -581,18 +582,23 @@ impl Agent {
     /// caller's change, and the state file is written back: kernel and file keep the old
     /// state.
     fn commit_state(&mut self, undo: impl FnOnce(&mut Self)) -> Result<(), String> {
-        self.state.binds = self.bindings.binds.clone();
+        self.sync_bindings();
         let result = state::save(&self.config.state_dir, &self.state)
             .map_err(|e| e.to_string())
             .and_then(|()| self.refresh().map_err(|e| format!("{e:#}")));
         if result.is_err() {
             undo(self);
-            self.state.binds = self.bindings.binds.clone();
+            self.sync_bindings();
             if let Err(e) = state::save(&self.config.state_dir, &self.state) {
                 warn!(error = %e, "restoring the state file");
             }
         }
         result
+    }
+
+    fn sync_bindings(&mut self) {
+        self.state.binds = self.bindings.binds.clone();
+        self.state.leases = self.bindings.leases.clone();
     }
 
     /// Changes the learned bindings with `change`, then puts the result into force: the new
@@ -691,6 +697,8 @@ impl Agent {
     /// The lease file's bindings in force now, by the device whose MAC holds each lease.
     fn read_leases(&mut self) {
         let Some(path) = self.config.dhcp_leases.clone() else {
+            // No lease file (any more): no lease bindings.
+            self.bindings.leases.clear();
             return;
         };
         let file = match leases::read(&path) {

@@ -1,6 +1,6 @@
-//! What the daemon must not forget across restarts (SPEC §4 `state_dir`): quarantines and
-//! the addresses bound with `segward bind`. Lease bindings are not kept here: the lease file
-//! is read again at start.
+//! What the daemon must not forget across restarts (SPEC §4 `state_dir`): quarantines, the
+//! addresses bound with `segward bind`, and the lease bindings last applied (the lease file
+//! is read again at start; what changed while no daemon ran is applied and recorded then).
 //!
 //! One JSON file, replaced atomically (written beside, synced, renamed) before a change is
 //! acknowledged, so a `kill -9` at any moment leaves the old or the new state, never half.
@@ -33,6 +33,9 @@ pub struct State {
     /// Address → device, from `segward bind`.
     #[serde(default)]
     pub binds: BTreeMap<IpAddr, String>,
+    /// Address → device, from the lease file when it was last read.
+    #[serde(default)]
+    pub leases: BTreeMap<IpAddr, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
