@@ -457,32 +457,36 @@ impl Datapath {
     /// and those with an end at one of `addrs`; also the datagrams of `devices`. Returns
     /// the number of flows cut.
     pub fn cut_flows(&mut self, devices: &[u32], addrs: &[Addr]) -> Result<usize, DatapathError> {
-        let mut flows = self.hash::<FlowKey, FlowEntry>(MAP_CONNTRACK)?;
-        let doomed: Vec<FlowKey> = flows
+        let involved = |device: u32, src: &Addr, dst: &Addr| {
+            devices.contains(&device) || addrs.contains(src) || addrs.contains(dst)
+        };
+        let cut = self.remove_where::<FlowKey, FlowEntry>(MAP_CONNTRACK, |k, e| {
+            involved(e.device, &k.src, &k.dst)
+        })?;
+        self.remove_where::<DatagramKey, DatagramEntry>(MAP_FRAGMENTS, |k, e| {
+            involved(e.device, &k.src, &k.dst)
+        })?;
+        Ok(cut)
+    }
+
+    /// Removes the entries of hash map `name` that `doomed` picks; how many it removed.
+    fn remove_where<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        doomed: impl Fn(&K, &V) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let mut map = self.hash::<K, V>(name)?;
+        let keys: Vec<K> = map
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, e)| {
-                devices.contains(&e.device) || addrs.contains(&k.src) || addrs.contains(&k.dst)
-            })
+            .filter(|(k, v)| doomed(k, v))
             .map(|(k, _)| k)
             .collect();
-        for key in &doomed {
-            // Gone already (expired, evicted) is as good as cut.
-            let _ = flows.remove(key);
+        for key in &keys {
+            // Gone already (expired, evicted) is as good as removed.
+            let _ = map.remove(key);
         }
-        let mut datagrams = self.hash::<DatagramKey, DatagramEntry>(MAP_FRAGMENTS)?;
-        let doomed_datagrams: Vec<DatagramKey> = datagrams
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, e)| {
-                devices.contains(&e.device) || addrs.contains(&k.src) || addrs.contains(&k.dst)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in &doomed_datagrams {
-            let _ = datagrams.remove(key);
-        }
-        Ok(doomed.len())
+        Ok(keys.len())
     }
 
     /// Tracked flows (live or idle but not yet evicted).
@@ -656,36 +660,11 @@ impl Datapath {
 
     /// Removes every entry of `generation`, whatever wrote it.
     fn clear_generation(&mut self, generation: u8) -> Result<(), DatapathError> {
-        fn clear<K: Pod, V: Pod>(
-            map: &mut HashMap<&mut MapData, K, V>,
-            name: &'static str,
-            in_generation: impl Fn(&K) -> bool,
-        ) -> Result<(), DatapathError> {
-            let stale: Vec<K> = map
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| in_generation(k))
-                .collect();
-            for k in stale {
-                map.remove(&k).map_err(map_err(name))?;
-            }
-            Ok(())
-        }
-        clear(
-            &mut self.hash::<AddrKey, Endpoint>(MAP_ENDPOINTS)?,
-            MAP_ENDPOINTS,
-            |k| k.generation == generation,
-        )?;
-        clear(
-            &mut self.hash::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS)?,
-            MAP_SEGMENTS,
-            |k| k.generation == generation,
-        )?;
-        clear(
-            &mut self.hash::<PolicyKey, PolicyValue>(MAP_POLICY)?,
-            MAP_POLICY,
-            |k| k.generation == generation,
-        )?;
+        self.remove_where::<AddrKey, Endpoint>(MAP_ENDPOINTS, |k, _| k.generation == generation)?;
+        self.remove_where::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS, |k, _| {
+            k.generation == generation
+        })?;
+        self.remove_where::<PolicyKey, PolicyValue>(MAP_POLICY, |k, _| k.generation == generation)?;
         let mut zones = self.zones()?;
         let stale: Vec<Key<AddrKey>> = zones
             .keys()
