@@ -15,6 +15,8 @@ use std::{
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
+use crate::policy::load::{describe, is_null};
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DaemonConfig {
     /// The policy directory.
@@ -391,23 +393,6 @@ impl File<'_> {
             .skip(start)
             .take(end.saturating_sub(start))
             .collect()
-    }
-}
-
-fn is_null(node: &Node) -> bool {
-    matches!(node.data, YamlData::Value(Scalar::Null))
-}
-
-fn describe(node: &Node) -> &'static str {
-    match &node.data {
-        YamlData::Value(Scalar::Null) => "nothing",
-        YamlData::Value(Scalar::Boolean(_)) => "true/false",
-        YamlData::Value(Scalar::Integer(_) | Scalar::FloatingPoint(_)) => "a number",
-        YamlData::Value(Scalar::String(_)) | YamlData::Representation(..) => "a string",
-        YamlData::Sequence(_) => "a list",
-        YamlData::Mapping(_) => "a mapping",
-        YamlData::Tagged(..) => "a tagged value (YAML tags are not supported)",
-        YamlData::Alias(_) | YamlData::BadValue => "an invalid value",
     }
 }
 

@@ -149,7 +149,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     info!(
         policy = %agent.policy_dir.display(),
         segments = agent.policy.segments.len(),
-        devices = agent.statics_devices(),
+        devices = agent.device_count(),
         interfaces = ?config.device_ifaces,
         netns = opts.netns.as_deref().unwrap_or("-"),
         mode = agent.mode(),
@@ -293,7 +293,7 @@ impl Agent {
         }
     }
 
-    fn statics_devices(&self) -> usize {
+    fn device_count(&self) -> usize {
         self.policy.segments.iter().map(|s| s.devices.len()).sum()
     }
 
@@ -387,7 +387,7 @@ impl Agent {
                 packets.push(("audit", reason.name(), audited));
             }
         }
-        let devices = self.statics_devices() as u64;
+        let devices = self.device_count() as u64;
         let quarantined = self.state.quarantined.len() as u64;
         let unknown = self.unknown_sources().map_or(0, |u| u.len()) as u64;
         Snapshot {
@@ -777,7 +777,7 @@ impl Agent {
             interfaces: self.config.device_ifaces.clone(),
             netns: self.netns.clone(),
             segments: self.policy.segments.len(),
-            devices: self.statics_devices(),
+            devices: self.device_count(),
             quarantined: self.state.quarantined.len(),
             bound_addresses: self.bindings.owners(&self.statics).len(),
             unknown_sources: unknown,

@@ -360,12 +360,12 @@ impl<'n, 'i> Fields<'n, 'i> {
     }
 }
 
-fn is_null(node: &Node) -> bool {
+pub(crate) fn is_null(node: &Node) -> bool {
     matches!(node.data, YamlData::Value(Scalar::Null))
 }
 
-/// What a node is, in words an operator understands.
-fn describe(node: &Node) -> &'static str {
+/// What a node is, in words an operator understands (also for `segward.yaml`).
+pub(crate) fn describe(node: &Node) -> &'static str {
     match &node.data {
         YamlData::Value(Scalar::Null) => "nothing",
         YamlData::Value(Scalar::Boolean(_)) => "true/false",
@@ -373,7 +373,7 @@ fn describe(node: &Node) -> &'static str {
         YamlData::Value(Scalar::String(_)) | YamlData::Representation(..) => "a string",
         YamlData::Sequence(_) => "a list",
         YamlData::Mapping(_) => "a mapping",
-        YamlData::Tagged(..) => "a tagged value",
+        YamlData::Tagged(..) => "a tagged value (YAML tags are not supported)",
         YamlData::Alias(_) | YamlData::BadValue => "an invalid value",
     }
 }
