@@ -258,7 +258,12 @@ pub fn judge_from_device<T: Tables>(
     now_ns: u64,
 ) -> Decision {
     let decision = decide_from_device(tables, config, packet, now_ns);
-    remember_datagram(tables, packet, &decision, now_ns);
+    if let Parsed::Ip(flow) = packet {
+        // Checked here: the call is for the rare first fragment only.
+        if flow.first_fragment && decision.reason.passes() {
+            remember_datagram(tables, flow, &decision, now_ns);
+        }
+    }
     decision
 }
 
@@ -275,20 +280,19 @@ pub fn judge_to_device<T: Tables>(
     now_ns: u64,
 ) -> Decision {
     let decision = decide_to_device(tables, config, packet, from_device_iface, now_ns);
-    remember_datagram(tables, packet, &decision, now_ns);
+    if let Parsed::Ip(flow) = packet {
+        // Checked here: the call is for the rare first fragment only.
+        if flow.first_fragment && decision.reason.passes() {
+            remember_datagram(tables, flow, &decision, now_ns);
+        }
+    }
     decision
 }
 
 /// The first fragment of a datagram that passed (whatever let it pass) lets the rest of
 /// the datagram pass. Not inlined: it keeps its key off the hooks' stack frames.
 #[inline(never)]
-fn remember_datagram<T: Tables>(tables: &T, packet: &Parsed, decision: &Decision, now_ns: u64) {
-    let Parsed::Ip(flow) = packet else {
-        return;
-    };
-    if !flow.first_fragment || !decision.reason.passes() {
-        return;
-    }
+fn remember_datagram<T: Tables>(tables: &T, flow: &Flow, decision: &Decision, now_ns: u64) {
     let datagram = DatagramKey {
         src: flow.src,
         dst: flow.dst,
