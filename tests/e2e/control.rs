@@ -217,8 +217,12 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         );
         let mut rest = String::new();
         let eof = BufReader::new(stream).read_line(&mut rest);
+        // Closed: an end of file, or a reset when the daemon hung up with our bytes
+        // still unread in its buffer (which of the two depends on timing).
+        let closed = matches!(&eof, Ok(0))
+            || matches!(&eof, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
         assert!(
-            matches!(eof, Ok(0)),
+            closed,
             "the connection stays open after a too-long message: {eof:?} {rest:?}"
         );
     }
