@@ -549,7 +549,6 @@ mod tests {
     use std::{
         collections::BTreeSet,
         net::{Ipv4Addr, Ipv6Addr},
-        sync::{Arc, Mutex},
     };
 
     use serde_json::Value;
@@ -941,33 +940,41 @@ mod tests {
         assert!(error.contains(&blocker.display().to_string()), "{error}");
     }
 
-    /// Everything tracing prints while `f` runs, as the daemon's subscriber formats it.
+    /// Everything tracing prints on this thread while `f` runs, as the daemon's subscriber
+    /// formats it. One global subscriber, writing to a per-thread capture: a scoped one
+    /// (`with_default`) races with other threads over the callsites' cached interest.
     fn traced(f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl io::Write for Buffer {
+        thread_local! {
+            static CAPTURE: std::cell::RefCell<Option<Vec<u8>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        struct ThreadCapture;
+        impl io::Write for ThreadCapture {
             fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
+                CAPTURE.with_borrow_mut(|c| {
+                    if let Some(c) = c {
+                        c.extend_from_slice(buf);
+                    }
+                });
                 Ok(buf.len())
             }
             fn flush(&mut self) -> io::Result<()> {
                 Ok(())
             }
         }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(Level::INFO)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            // Other tests may have registered these callsites first, with no subscriber:
-            // their cached interest ("never") must not hide this test's events.
-            tracing::callsite::rebuild_interest_cache();
-            f()
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadCapture)
+                .with_ansi(false)
+                .with_max_level(Level::INFO)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in the lib tests");
         });
-        let bytes = buffer.0.lock().unwrap().clone();
+        CAPTURE.set(Some(Vec::new()));
+        f();
+        let bytes = CAPTURE.take().unwrap_or_default();
         String::from_utf8(bytes).unwrap()
     }
 
