@@ -173,8 +173,9 @@ fn skb_context(ingress_ifindex: u32) -> Vec<u8> {
     ctx
 }
 
-/// The BPF_PROG_TEST_RUN command, which aya does not wrap.
-mod test_run {
+/// The BPF_PROG_TEST_RUN command, which aya does not wrap. Public for the benchmarks, which
+/// run a trivial program of their own beside segward's as the floor.
+pub mod test_run {
     use std::{
         io,
         os::fd::{AsRawFd, BorrowedFd},
@@ -206,6 +207,7 @@ mod test_run {
         _pad: u32,
     }
 
+    /// Runs program `prog` on `frame` (with context `ctx`, empty for none) `repeat` times.
     pub fn run(
         prog: BorrowedFd<'_>,
         frame: &[u8],

@@ -1,0 +1,291 @@
+//! Section 1: what the datapath costs per packet, by packet class and policy scale, with
+//! BPF_PROG_TEST_RUN against the live maps, beside a trivial program as the floor.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::{bail, Context as _, Result};
+use segward::{
+    datapath::{test_run, Datapath, Hook, TestRun},
+    policy::{compile::compile, load::load_dir},
+};
+
+use crate::{
+    frames::{self, DEVICE_IFINDEX, UPLINK_IFINDEX},
+    report::{median, number, Section, Table, Target},
+    scale::{self, Scale},
+    Options,
+};
+
+/// A packet class: a name, the hook it is judged at, and whether it should pass.
+struct Class {
+    name: &'static str,
+    hook: Hook,
+    passes: bool,
+    /// The frame of run `k` (runs use different devices), and what must run first (the
+    /// packet that opens the flow a reply belongs to).
+    frame: fn(&Scale, u32) -> (Vec<u8>, Option<(Vec<u8>, Hook)>),
+}
+
+const XDP: Hook = Hook::FromDevice;
+const TC_FROM_UPLINK: Hook = Hook::ToDevice {
+    ingress_ifindex: UPLINK_IFINDEX,
+};
+
+/// Device `k`'s pick among the devices of segment `s`: different runs, different devices.
+fn device_of(scale: &Scale, s: u32, k: u32) -> IpAddr {
+    let size = scale.devices / scale.segments();
+    IpAddr::V4(scale::device(s * size + (k * 37) % size).1)
+}
+
+/// A host in the first zone that segment 0's first rule allows (port 1000/tcp).
+fn allowed_host(scale: &Scale) -> IpAddr {
+    let (zone, port, proto) = &scale::segment_rules(scale, 0)[0];
+    assert_eq!((*port, *proto), (1000, "tcp"), "segment 0's first rule");
+    let z: u32 = zone.trim_start_matches("zone-").parse().expect("a zone rule");
+    IpAddr::V4(Ipv4Addr::from(u32::from(scale::zone_cidr(2 * z)) + 10))
+}
+
+const CLASSES: [Class; 6] = [
+    Class {
+        name: "reply (device answers a tracked flow)",
+        hook: XDP,
+        passes: true,
+        // Segment 0 may open 1001/udp to segment 1: device b answers device a.
+        frame: |scale, k| {
+            let (a, b) = (device_of(scale, 0, k), device_of(scale, 1, k));
+            let open = frames::udp(a, b, 40_000, 1001);
+            (open.reply().bytes(), Some((open.bytes(), XDP)))
+        },
+    },
+    Class {
+        name: "reply to a device (tc, from the uplink)",
+        hook: TC_FROM_UPLINK,
+        passes: true,
+        frame: |scale, k| {
+            let open = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 1000);
+            (open.reply().bytes(), Some((open.bytes(), XDP)))
+        },
+    },
+    Class {
+        name: "new flow, allowed",
+        hook: XDP,
+        passes: true,
+        frame: |scale, k| {
+            let f = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 1000);
+            (f.bytes(), None)
+        },
+    },
+    Class {
+        name: "denied",
+        hook: XDP,
+        passes: false,
+        frame: |scale, k| {
+            let f = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 9999);
+            (f.bytes(), None)
+        },
+    },
+    Class {
+        name: "unknown source",
+        hook: XDP,
+        passes: false,
+        frame: |scale, k| {
+            let stranger = IpAddr::V4(Ipv4Addr::new(10, 200, 0, k as u8));
+            (frames::tcp(stranger, allowed_host(scale), 40_000, 1000).bytes(), None)
+        },
+    },
+    Class {
+        name: "malformed (IP total length beyond the frame)",
+        hook: XDP,
+        passes: false,
+        frame: |scale, k| {
+            let mut f = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 1000).bytes();
+            f.truncate(frames::ETH_HLEN + 20 + 10);
+            (f, None)
+        },
+    },
+];
+
+pub fn run(options: &Options) -> Result<Section> {
+    let (repeat, runs) = if options.quick {
+        (100_000, 3)
+    } else {
+        (1_000_000, 5)
+    };
+    let scales = [Scale::SMALL, Scale::MEDIUM, Scale::LARGE];
+    let floor_xdp = Floor::load(Floor::XDP, 2)?;
+    let floor_tc = Floor::load(Floor::SCHED_CLS, 0)?;
+    let probe = frames::tcp(device_of(&Scale::SMALL, 0, 0), allowed_host(&Scale::SMALL), 1, 2);
+    let floors = [
+        ("XDP_PASS (2 instructions)", floor_xdp.cost(&probe.bytes(), repeat, runs)?),
+        ("TC_ACT_OK (2 instructions)", floor_tc.cost(&probe.bytes(), repeat, runs)?),
+    ];
+
+    let mut header = vec!["packet class"];
+    header.extend(scales.iter().map(|s| s.name));
+    header.push("largest / smallest");
+    header.push("largest / floor");
+    let mut table = Table::new(
+        format!("ns per packet, median of {runs} runs of {repeat} repeats"),
+        &header,
+    );
+    let mut targets = Vec::new();
+    let mut costs = vec![Vec::new(); CLASSES.len()];
+    for scale in &scales {
+        let dir = tempfile::tempdir()?;
+        let policy = load_dir(&scale::write_policy(scale, dir.path())?)
+            .with_context(|| format!("loading the {} policy", scale.name))?;
+        let compiled = compile(&policy, &[]).context("compiling")?;
+        let mut datapath = Datapath::load().context("loading the BPF programs")?;
+        datapath.add_device_ifindex(DEVICE_IFINDEX)?;
+        datapath.install(compiled).context("installing the policy")?;
+        for (class, costs) in CLASSES.iter().zip(&mut costs) {
+            costs.push(class_cost(&datapath, scale, class, repeat, runs)?);
+        }
+    }
+    for (class, costs) in CLASSES.iter().zip(&costs) {
+        let floor = if class.hook == XDP { floors[0].1 } else { floors[1].1 };
+        let (smallest, largest) = (costs[0], costs[costs.len() - 1]);
+        let mut row = vec![class.name.to_owned()];
+        row.extend(costs.iter().map(|&c| number(c)));
+        row.push(format!("{:.2}×", largest / smallest));
+        row.push(format!("{:.2}×", largest / floor));
+        table.row(row);
+        targets.push(Target::at_most(
+            format!("{}: ns/packet at the largest scale", class.name),
+            largest,
+            100.0,
+            "ns",
+        ));
+        targets.push(Target::at_most(
+            format!("{}: largest / smallest scale", class.name),
+            largest / smallest,
+            1.3,
+            "×",
+        ));
+        if class.name.starts_with("reply") || class.name == "denied" {
+            targets.push(Target::at_most(
+                format!("{}: largest scale / floor", class.name),
+                largest / floor,
+                3.0,
+                "×",
+            ));
+        }
+    }
+    for (name, cost) in floors {
+        let mut row = vec![format!("floor: {name}")];
+        row.extend(scales.iter().map(|_| number(cost)));
+        row.extend(["".into(), "".into()]);
+        table.row(row);
+    }
+    Ok(Section {
+        title: "Datapath cost per packet (BPF_PROG_TEST_RUN)",
+        method: format!(
+            "Each scale's policy is generated as YAML ({}), loaded, compiled and installed \
+             into a fresh set of maps; then each packet class runs through the program with \
+             BPF_PROG_TEST_RUN, {repeat} repeats per run, {runs} runs (each from a different \
+             device), and the median of the kernel's mean time per repeat is taken. Every \
+             run's verdict is checked (a class that passes must pass). The floor is a \
+             two-instruction program loaded beside segward's, run on the same frame, so the \
+             ratio to it is segward's own cost. Each repeat of a new flow is judged as new: \
+             its reply entry exists after the first, so it is refreshed rather than inserted.",
+            scales.map(|s| s.name).join("; ")
+        ),
+        tables: vec![table],
+        targets,
+        notes: Vec::new(),
+    })
+}
+
+/// Median cost of `class` at `scale`, checking the verdict of every run.
+fn class_cost(datapath: &Datapath, scale: &Scale, class: &Class, repeat: u32, runs: u32) -> Result<f64> {
+    let mut samples = Vec::new();
+    for k in 0..runs {
+        let (frame, opener) = (class.frame)(scale, k);
+        if let Some((open, hook)) = opener {
+            let opened = datapath.test_run(TestRun {
+                hook,
+                frame: &open,
+                repeat: 1,
+            })?;
+            if !opened.passes(hook) {
+                bail!("{}: the flow the reply belongs to was not allowed", class.name);
+            }
+        }
+        let result = datapath.test_run(TestRun {
+            hook: class.hook,
+            frame: &frame,
+            repeat,
+        })?;
+        if result.passes(class.hook) != class.passes {
+            bail!(
+                "{} at {}: the verdict was {} (action {}), not {}",
+                class.name,
+                scale.name,
+                if result.passes(class.hook) { "pass" } else { "drop" },
+                result.action,
+                if class.passes { "pass" } else { "drop" },
+            );
+        }
+        samples.push(f64::from(result.duration_ns));
+    }
+    Ok(median(&mut samples))
+}
+
+/// A program that returns a constant, loaded through the bpf syscall.
+struct Floor(OwnedFd);
+
+impl Floor {
+    const SCHED_CLS: u32 = 3;
+    const XDP: u32 = 6;
+
+    fn load(prog_type: u32, verdict: i32) -> Result<Floor> {
+        // r0 = verdict; exit
+        let insns: [u64; 2] = [0xb7 | (u64::from(verdict as u32) << 32), 0x95];
+        let license = c"GPL";
+        #[repr(C)]
+        #[derive(Default)]
+        struct ProgLoadAttr {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+        }
+        let attr = ProgLoadAttr {
+            prog_type,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..ProgLoadAttr::default()
+        };
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        // SAFETY: attr and what it points at live for the whole call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &attr as *const ProgLoadAttr,
+                std::mem::size_of::<ProgLoadAttr>(),
+            )
+        };
+        if fd < 0 {
+            bail!("loading the floor program: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just gave us this descriptor.
+        Ok(Floor(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    fn cost(&self, frame: &[u8], repeat: u32, runs: u32) -> Result<f64> {
+        let mut samples = (0..runs)
+            .map(|_| Ok(f64::from(test_run::run(self.0.as_fd(), frame, &[], repeat)?.duration_ns)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(median(&mut samples))
+    }
+}
