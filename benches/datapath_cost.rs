@@ -13,7 +13,7 @@ use segward::{
 };
 
 use crate::{
-    frames::{self, DEVICE_IFINDEX, UPLINK_IFINDEX},
+    frames::{self, Frame, DEVICE_IFINDEX, UPLINK_IFINDEX},
     report::{median, number, Section, Table, Target},
     scale::{self, Scale},
     Options,
@@ -34,17 +34,28 @@ const TC_FROM_UPLINK: Hook = Hook::ToDevice {
     ingress_ifindex: UPLINK_IFINDEX,
 };
 
-/// Device `k`'s pick among the devices of segment `s`: different runs, different devices.
-fn device_of(scale: &Scale, s: u32, k: u32) -> IpAddr {
+/// Run `k`'s pick among the devices of segment `s` (different runs, different devices):
+/// its address and MAC.
+fn device_of(scale: &Scale, s: u32, k: u32) -> (IpAddr, [u8; 6]) {
     let size = scale.devices / scale.segments();
-    IpAddr::V4(scale::device(s * size + (k * 37) % size).1)
+    let i = s * size + (k * 37) % size;
+    (IpAddr::V4(scale::device(i).1), scale::device_mac(i))
+}
+
+/// A TCP packet from run `k`'s device of segment 0 to `dst`.
+fn from_device(scale: &Scale, k: u32, dst: IpAddr, dport: u16) -> Frame {
+    let (addr, mac) = device_of(scale, 0, k);
+    frames::tcp(addr, dst, 40_000, dport).mac(mac)
 }
 
 /// A host in the first zone that segment 0's first rule allows (port 1000/tcp).
 fn allowed_host(scale: &Scale) -> IpAddr {
     let (zone, port, proto) = &scale::segment_rules(scale, 0)[0];
     assert_eq!((*port, *proto), (1000, "tcp"), "segment 0's first rule");
-    let z: u32 = zone.trim_start_matches("zone-").parse().expect("a zone rule");
+    let z: u32 = zone
+        .trim_start_matches("zone-")
+        .parse()
+        .expect("a zone rule");
     IpAddr::V4(Ipv4Addr::from(u32::from(scale::zone_cidr(2 * z)) + 10))
 }
 
@@ -55,9 +66,9 @@ const CLASSES: [Class; 6] = [
         passes: true,
         // Segment 0 may open 1001/udp to segment 1: device b answers device a.
         frame: |scale, k| {
-            let (a, b) = (device_of(scale, 0, k), device_of(scale, 1, k));
-            let open = frames::udp(a, b, 40_000, 1001);
-            (open.reply().bytes(), Some((open.bytes(), XDP)))
+            let ((a, a_mac), (b, b_mac)) = (device_of(scale, 0, k), device_of(scale, 1, k));
+            let open = frames::udp(a, b, 40_000, 1001).mac(a_mac);
+            (open.reply().mac(b_mac).bytes(), Some((open.bytes(), XDP)))
         },
     },
     Class {
@@ -65,7 +76,7 @@ const CLASSES: [Class; 6] = [
         hook: TC_FROM_UPLINK,
         passes: true,
         frame: |scale, k| {
-            let open = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 1000);
+            let open = from_device(scale, k, allowed_host(scale), 1000);
             (open.reply().bytes(), Some((open.bytes(), XDP)))
         },
     },
@@ -74,8 +85,10 @@ const CLASSES: [Class; 6] = [
         hook: XDP,
         passes: true,
         frame: |scale, k| {
-            let f = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 1000);
-            (f.bytes(), None)
+            (
+                from_device(scale, k, allowed_host(scale), 1000).bytes(),
+                None,
+            )
         },
     },
     Class {
@@ -83,8 +96,10 @@ const CLASSES: [Class; 6] = [
         hook: XDP,
         passes: false,
         frame: |scale, k| {
-            let f = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 9999);
-            (f.bytes(), None)
+            (
+                from_device(scale, k, allowed_host(scale), 9999).bytes(),
+                None,
+            )
         },
     },
     Class {
@@ -93,7 +108,10 @@ const CLASSES: [Class; 6] = [
         passes: false,
         frame: |scale, k| {
             let stranger = IpAddr::V4(Ipv4Addr::new(10, 200, 0, k as u8));
-            (frames::tcp(stranger, allowed_host(scale), 40_000, 1000).bytes(), None)
+            (
+                frames::tcp(stranger, allowed_host(scale), 40_000, 1000).bytes(),
+                None,
+            )
         },
     },
     Class {
@@ -101,7 +119,7 @@ const CLASSES: [Class; 6] = [
         hook: XDP,
         passes: false,
         frame: |scale, k| {
-            let mut f = frames::tcp(device_of(scale, 0, k), allowed_host(scale), 40_000, 1000).bytes();
+            let mut f = from_device(scale, k, allowed_host(scale), 1000).bytes();
             f.truncate(frames::ETH_HLEN + 20 + 10);
             (f, None)
         },
@@ -117,10 +135,16 @@ pub fn run(options: &Options) -> Result<Section> {
     let scales = [Scale::SMALL, Scale::MEDIUM, Scale::LARGE];
     let floor_xdp = Floor::load(Floor::XDP, 2)?;
     let floor_tc = Floor::load(Floor::SCHED_CLS, 0)?;
-    let probe = frames::tcp(device_of(&Scale::SMALL, 0, 0), allowed_host(&Scale::SMALL), 1, 2);
+    let probe = from_device(&Scale::SMALL, 0, allowed_host(&Scale::SMALL), 1000);
     let floors = [
-        ("XDP_PASS (2 instructions)", floor_xdp.cost(&probe.bytes(), repeat, runs)?),
-        ("TC_ACT_OK (2 instructions)", floor_tc.cost(&probe.bytes(), repeat, runs)?),
+        (
+            "XDP_PASS (2 instructions)",
+            floor_xdp.cost(&probe.bytes(), repeat, runs)?,
+        ),
+        (
+            "TC_ACT_OK (2 instructions)",
+            floor_tc.cost(&probe.bytes(), repeat, runs)?,
+        ),
     ];
 
     let mut header = vec!["packet class"];
@@ -140,13 +164,19 @@ pub fn run(options: &Options) -> Result<Section> {
         let compiled = compile(&policy, &[]).context("compiling")?;
         let mut datapath = Datapath::load().context("loading the BPF programs")?;
         datapath.add_device_ifindex(DEVICE_IFINDEX)?;
-        datapath.install(compiled).context("installing the policy")?;
+        datapath
+            .install(compiled)
+            .context("installing the policy")?;
         for (class, costs) in CLASSES.iter().zip(&mut costs) {
             costs.push(class_cost(&datapath, scale, class, repeat, runs)?);
         }
     }
     for (class, costs) in CLASSES.iter().zip(&costs) {
-        let floor = if class.hook == XDP { floors[0].1 } else { floors[1].1 };
+        let floor = if class.hook == XDP {
+            floors[0].1
+        } else {
+            floors[1].1
+        };
         let (smallest, largest) = (costs[0], costs[costs.len() - 1]);
         let mut row = vec![class.name.to_owned()];
         row.extend(costs.iter().map(|&c| number(c)));
@@ -200,7 +230,13 @@ pub fn run(options: &Options) -> Result<Section> {
 }
 
 /// Median cost of `class` at `scale`, checking the verdict of every run.
-fn class_cost(datapath: &Datapath, scale: &Scale, class: &Class, repeat: u32, runs: u32) -> Result<f64> {
+fn class_cost(
+    datapath: &Datapath,
+    scale: &Scale,
+    class: &Class,
+    repeat: u32,
+    runs: u32,
+) -> Result<f64> {
     let mut samples = Vec::new();
     for k in 0..runs {
         let (frame, opener) = (class.frame)(scale, k);
@@ -211,7 +247,10 @@ fn class_cost(datapath: &Datapath, scale: &Scale, class: &Class, repeat: u32, ru
                 repeat: 1,
             })?;
             if !opened.passes(hook) {
-                bail!("{}: the flow the reply belongs to was not allowed", class.name);
+                bail!(
+                    "{}: the flow the reply belongs to was not allowed",
+                    class.name
+                );
             }
         }
         let result = datapath.test_run(TestRun {
@@ -224,7 +263,11 @@ fn class_cost(datapath: &Datapath, scale: &Scale, class: &Class, repeat: u32, ru
                 "{} at {}: the verdict was {} (action {}), not {}",
                 class.name,
                 scale.name,
-                if result.passes(class.hook) { "pass" } else { "drop" },
+                if result.passes(class.hook) {
+                    "pass"
+                } else {
+                    "drop"
+                },
                 result.action,
                 if class.passes { "pass" } else { "drop" },
             );
@@ -276,7 +319,10 @@ impl Floor {
             )
         };
         if fd < 0 {
-            bail!("loading the floor program: {}", std::io::Error::last_os_error());
+            bail!(
+                "loading the floor program: {}",
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: the kernel just gave us this descriptor.
         Ok(Floor(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
@@ -284,7 +330,11 @@ impl Floor {
 
     fn cost(&self, frame: &[u8], repeat: u32, runs: u32) -> Result<f64> {
         let mut samples = (0..runs)
-            .map(|_| Ok(f64::from(test_run::run(self.0.as_fd(), frame, &[], repeat)?.duration_ns)))
+            .map(|_| {
+                Ok(f64::from(
+                    test_run::run(self.0.as_fd(), frame, &[], repeat)?.duration_ns,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(median(&mut samples))
     }

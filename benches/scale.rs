@@ -3,8 +3,7 @@
 //! A scale has `devices` devices in segments of equal size and `rules` allow rules spread
 //! over the segments. Rules go to zones (the second of every ten to the next segment), on ports
 //! that differ per rule, so no rule covers another. Zones are /24s in 172.16.0.0/12, two
-//! CIDRs each; devices are numbered upwards from 10.64.0.1. A segment `bench` with the
-//! devices the packet tests use is always there: see [`BENCH_DEVICE`].
+//! CIDRs each; devices are numbered upwards from 10.64.0.1, with MACs 02:64:<number>.
 
 use std::{
     fmt::Write as _,
@@ -69,6 +68,16 @@ pub fn device(i: u32) -> (String, Ipv4Addr) {
     )
 }
 
+/// Device number `i`'s MAC address (DHCP leases name devices by it).
+pub fn device_mac(i: u32) -> [u8; 6] {
+    let [a, b, c, d] = i.to_be_bytes();
+    [0x02, 0x64, a, b, c, d]
+}
+
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 /// Zone CIDR number `i`: a /24 in 172.16.0.0/12.
 pub fn zone_cidr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + (i << 8))
@@ -84,11 +93,7 @@ pub fn segment_rules(scale: &Scale, s: u32) -> Vec<(String, u16, &'static str)> 
             if r % 10 == 1 {
                 (format!("seg-{}", (s + 1) % scale.segments()), port, "udp")
             } else {
-                (
-                    format!("zone-{}", (s * 7 + r) % scale.zones()),
-                    port,
-                    "tcp",
-                )
+                (format!("zone-{}", (s * 7 + r) % scale.zones()), port, "tcp")
             }
         })
         .collect()
@@ -104,7 +109,11 @@ pub fn write_policy(scale: &Scale, dir: &Path) -> Result<PathBuf> {
             .filter(|&i| i < scale.zone_cidrs)
             .map(|i| format!("{}/24", zone_cidr(i)))
             .collect();
-        writeln!(zones, "---\nkind: Zone\nname: zone-{z}\ncidrs: [{}]", cidrs.join(", "))?;
+        writeln!(
+            zones,
+            "---\nkind: Zone\nname: zone-{z}\ncidrs: [{}]",
+            cidrs.join(", ")
+        )?;
     }
     writeln!(
         zones,
@@ -116,7 +125,11 @@ pub fn write_policy(scale: &Scale, dir: &Path) -> Result<PathBuf> {
         let mut doc = format!("kind: Segment\nname: seg-{s}\ndevices:\n");
         for i in s * size..((s + 1) * size).min(scale.devices) {
             let (id, addr) = device(i);
-            writeln!(doc, "  - id: {id}\n    addresses: [{addr}]")?;
+            let mac = mac_text(device_mac(i));
+            writeln!(
+                doc,
+                "  - id: {id}\n    mac: \"{mac}\"\n    addresses: [{addr}]"
+            )?;
         }
         doc.push_str("allow:\n");
         for (to, port, proto) in segment_rules(scale, s) {
