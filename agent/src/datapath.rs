@@ -21,6 +21,7 @@ use std::{
     fs,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -34,8 +35,27 @@ use aya::{
 
 use crate::{
     netns::{Netns, NetnsError},
-    policy::compile::CompiledPolicy,
+    policy::compile::{CompiledPolicy, EntryChanges},
 };
+
+/// What an install wrote and how long it took.
+#[derive(Clone, Copy, Debug)]
+pub struct Installed {
+    /// Entries written into the idle generation before the flip.
+    pub written: usize,
+    /// Until the flip: from then on, every packet is judged by the new policy.
+    pub in_force: Duration,
+    /// Until the old generation was in line with the new one too.
+    pub total: Duration,
+}
+
+/// What an install writes into a generation slot.
+enum Contents<'a> {
+    /// The changes to the policy the slot holds.
+    Changes(&'a EntryChanges),
+    /// A whole policy, into a slot of unknown contents.
+    All(&'a CompiledPolicy),
+}
 
 /// The XDP object this binary was built with (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/segward-xdp"));
@@ -54,6 +74,8 @@ pub enum DatapathError {
     Map { map: &'static str, source: MapError },
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("no policy is installed yet")]
+    NoPolicy,
     #[error("BPF_PROG_TEST_RUN: {0}")]
     TestRun(std::io::Error),
     #[error("pinning under {path}: {source}")]
@@ -257,6 +279,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     config: Config,
     live: Option<CompiledPolicy>,
+    /// Whether the idle generation holds exactly the live policy's entries.
+    mirrored: bool,
     /// The pin directory, for a daemon's datapath; none for a throw-away one (tests).
     pins: Option<PathBuf>,
 }
@@ -306,6 +330,7 @@ impl Datapath {
             ebpf,
             config: Config::default(),
             live: None,
+            mirrored: false,
             pins,
         };
         // An adopted CONFIG says which generation is live; a new one is all zeroes.
@@ -510,25 +535,93 @@ impl Datapath {
     }
 
     /// Installs `policy` atomically: writes it into the idle generation, flips the live
-    /// generation in one store, then removes the old generation's entries.
-    pub fn install(&mut self, policy: CompiledPolicy) -> Result<(), DatapathError> {
-        let next = (self.config.generation ^ 1) & 1;
-        if self.live.is_none() {
-            // First install after load: whatever an earlier daemon left in the idle slot
-            // (say, it died half-way through a reload) must go.
-            self.clear_generation(next)?;
+    /// generation in one store, then brings the old generation in line with the new one.
+    /// Both slots hold the live policy between installs, so after the first one only the
+    /// entries that differ are written.
+    pub fn install(&mut self, policy: CompiledPolicy) -> Result<Installed, DatapathError> {
+        let changes = match &self.live {
+            Some(live) if self.mirrored => Some(EntryChanges::between(live, &policy)),
+            _ => None,
+        };
+        let (flipped, result) = self.switch(match &changes {
+            Some(changes) => Contents::Changes(changes),
+            None => Contents::All(&policy),
+        });
+        if flipped {
+            self.live = Some(policy);
         }
-        self.write_generation(&policy, next)?;
-        let old = self.config.generation;
-        self.config.generation = next;
-        self.write_config()?;
-        match self.live.replace(policy) {
-            Some(previous) => self.remove_generation(&previous, old),
-            // An adopted generation: we do not know its entries, so sweep the slot.
-            None => self.clear_generation(old),
-        }
+        result
     }
 
+    /// Installs the live policy with `changes` (say, one device's endpoints after a lease
+    /// or a quarantine) the way [`Datapath::install`] does: atomically, writing only them.
+    pub fn patch(&mut self, changes: &EntryChanges) -> Result<Installed, DatapathError> {
+        let mut live = self.live.take().ok_or(DatapathError::NoPolicy)?;
+        if !self.mirrored {
+            // After a failed install: rewrite it all (rare, so the copy does not matter).
+            self.live = Some(live.clone());
+            live.apply(changes);
+            return self.install(live);
+        }
+        let (flipped, result) = self.switch(Contents::Changes(changes));
+        if flipped {
+            live.apply(changes);
+        }
+        self.live = Some(live);
+        result
+    }
+
+    /// Writes `contents` into the idle generation, flips, then writes them into the old
+    /// one; says whether it flipped (the new policy is in force even if writing the old
+    /// slot failed afterwards).
+    fn switch(&mut self, contents: Contents<'_>) -> (bool, Result<Installed, DatapathError>) {
+        let started = Instant::now();
+        let old = self.config.generation & 1;
+        let next = old ^ 1;
+        // Until both slots hold the new policy, the idle one is not known to mirror it.
+        self.mirrored = false;
+        let written = match self.write(&contents, next) {
+            Ok(written) => written,
+            Err(e) => return (false, Err(e)),
+        };
+        self.config.generation = next;
+        if let Err(e) = self.write_config() {
+            self.config.generation = old;
+            return (false, Err(e));
+        }
+        let in_force = started.elapsed();
+        if let Err(e) = self.write(&contents, old) {
+            return (true, Err(e));
+        }
+        self.mirrored = true;
+        let total = started.elapsed();
+        (
+            true,
+            Ok(Installed {
+                written,
+                in_force,
+                total,
+            }),
+        )
+    }
+
+    /// Writes `contents` into slot `generation`; returns how many entries it wrote.
+    fn write(&mut self, contents: &Contents<'_>, generation: u8) -> Result<usize, DatapathError> {
+        match contents {
+            Contents::Changes(changes) => {
+                self.write_changes(changes, generation)?;
+                Ok(changes.len())
+            }
+            Contents::All(policy) => {
+                // Whatever is in the slot (an earlier daemon's generation, a half-written
+                // one) must go.
+                self.clear_generation(generation)?;
+                let all = EntryChanges::between(&CompiledPolicy::default(), policy);
+                self.write_changes(&all, generation)?;
+                Ok(all.len())
+            }
+        }
+    }
     /// Runs one of the programs on `frame` in the kernel (BPF_PROG_TEST_RUN), `repeat` times,
     /// against the live maps. For the tc hook, `ingress_ifindex` is where the frame came in.
     pub fn test_run(&self, run: TestRun<'_>) -> Result<TestRunResult, DatapathError> {
@@ -607,55 +700,44 @@ impl Datapath {
         config.set(0, self.config, 0).map_err(map_err(MAP_CONFIG))
     }
 
-    fn write_generation(
+    /// Writes `changes` into `generation`. Removing an entry that is not there (never
+    /// written) is not an error.
+    fn write_changes(
         &mut self,
-        p: &CompiledPolicy,
+        changes: &EntryChanges,
         generation: u8,
     ) -> Result<(), DatapathError> {
         let mut endpoints = self.hash::<AddrKey, Endpoint>(MAP_ENDPOINTS)?;
-        for (k, v) in &p.endpoints {
+        for (k, v) in &changes.endpoints {
             let k = AddrKey { generation, ..*k };
-            endpoints.insert(k, v, 0).map_err(map_err(MAP_ENDPOINTS))?;
+            match v {
+                Some(v) => endpoints.insert(k, v, 0).map_err(map_err(MAP_ENDPOINTS))?,
+                None => drop(endpoints.remove(&k)),
+            }
         }
         let mut segments = self.hash::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS)?;
-        for (k, v) in &p.segments {
+        for (k, v) in &changes.segments {
             let k = SegmentKey { generation, ..*k };
-            segments.insert(k, v, 0).map_err(map_err(MAP_SEGMENTS))?;
+            match v {
+                Some(v) => segments.insert(k, v, 0).map_err(map_err(MAP_SEGMENTS))?,
+                None => drop(segments.remove(&k)),
+            }
         }
         let mut policy = self.hash::<PolicyKey, PolicyValue>(MAP_POLICY)?;
-        for (k, v) in &p.policy {
+        for (k, v) in &changes.policy {
             let k = PolicyKey { generation, ..*k };
-            policy.insert(k, v, 0).map_err(map_err(MAP_POLICY))?;
+            match v {
+                Some(v) => policy.insert(k, v, 0).map_err(map_err(MAP_POLICY))?,
+                None => drop(policy.remove(&k)),
+            }
         }
         let mut zones = self.zones()?;
-        for ((bits, k), v) in &p.zones {
+        for ((bits, k), v) in &changes.zones {
             let k = Key::new(*bits, AddrKey { generation, ..*k });
-            zones.insert(&k, v, 0).map_err(map_err(MAP_ZONES))?;
-        }
-        Ok(())
-    }
-
-    fn remove_generation(
-        &mut self,
-        p: &CompiledPolicy,
-        generation: u8,
-    ) -> Result<(), DatapathError> {
-        // Entries are removed by key; a missing one (never written) is not an error.
-        let mut endpoints = self.hash::<AddrKey, Endpoint>(MAP_ENDPOINTS)?;
-        for k in p.endpoints.keys() {
-            let _ = endpoints.remove(&AddrKey { generation, ..*k });
-        }
-        let mut segments = self.hash::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS)?;
-        for k in p.segments.keys() {
-            let _ = segments.remove(&SegmentKey { generation, ..*k });
-        }
-        let mut policy = self.hash::<PolicyKey, PolicyValue>(MAP_POLICY)?;
-        for k in p.policy.keys() {
-            let _ = policy.remove(&PolicyKey { generation, ..*k });
-        }
-        let mut zones = self.zones()?;
-        for (bits, k) in p.zones.keys() {
-            let _ = zones.remove(&Key::new(*bits, AddrKey { generation, ..*k }));
+            match v {
+                Some(v) => zones.insert(&k, v, 0).map_err(map_err(MAP_ZONES))?,
+                None => drop(zones.remove(&k)),
+            }
         }
         Ok(())
     }

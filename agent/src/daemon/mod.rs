@@ -22,7 +22,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     audit::{proto_name, AuditEvent, AuditLog, EventKind},
@@ -115,6 +115,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         reloads_rejected: 0,
         started: Instant::now(),
         next_lease_expiry: None,
+        pending_cuts: PendingCuts::default(),
     };
     let compiled = agent.compile(&agent.policy)?;
     agent.install(compiled)?;
@@ -205,6 +206,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 agent.leases_changed();
             }
         }
+        agent.cut_pending_flows();
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     agent.log_counters()?;
@@ -216,6 +218,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("stopped; the pinned programs go on enforcing (`segward uninstall` removes them)");
     }
     Ok(())
+}
+
+/// Tracked flows to delete: those of `devices` (quarantined) and those at `addrs` (their
+/// addresses, and addresses that moved to another owner).
+#[derive(Default)]
+struct PendingCuts {
+    devices: Vec<u32>,
+    addrs: Vec<Addr>,
 }
 
 /// The daemon's state, owned by its one task.
@@ -238,6 +248,8 @@ struct Agent {
     started: Instant,
     /// When the next active lease expires.
     next_lease_expiry: Option<SystemTime>,
+    /// Tracked flows to delete once the change that ended them is in force and answered.
+    pending_cuts: PendingCuts,
 }
 
 /// The next change a watch reports; never, without a watch.
@@ -298,25 +310,57 @@ impl Agent {
     }
 
     fn compile(&self, policy: &Policy) -> anyhow::Result<CompiledPolicy> {
-        let device_state = DeviceState {
-            learned: self.bindings.by_device(&statics_of(policy)),
+        compile_with(
+            policy,
+            &self.gateway,
+            &self.device_state(&statics_of(policy)),
+        )
+        .context("compiling the policy")
+    }
+
+    /// Learned addresses and quarantines, for a policy with static addresses `statics`.
+    fn device_state(&self, statics: &HashMap<IpAddr, String>) -> DeviceState {
+        DeviceState {
+            learned: self.bindings.by_device(statics),
             quarantined: self.state.quarantined.keys().cloned().collect(),
-        };
-        compile_with(policy, &self.gateway, &device_state).context("compiling the policy")
+        }
     }
 
     /// Installs a compiled policy and tells the kernel whether opened flows are wanted.
     fn install(&mut self, compiled: CompiledPolicy) -> anyhow::Result<()> {
-        self.datapath.install(compiled)?;
+        let installed = self.datapath.install(compiled)?;
+        debug!(
+            entries_written = installed.written,
+            in_force_us = installed.in_force.as_micros() as u64,
+            total_us = installed.total.as_micros() as u64,
+            "policy installed"
+        );
         self.datapath
             .set_report_new_flows(self.triggers.wants_opened_flows())?;
         Ok(())
     }
 
-    /// Recompiles the running policy with the current bindings and quarantines.
-    fn refresh(&mut self) -> anyhow::Result<()> {
-        let compiled = self.compile(&self.policy)?;
-        self.install(compiled)
+    /// Puts the addresses and quarantines of `devices` into force after they changed:
+    /// only their endpoints are compiled and written when the live compilation allows it,
+    /// otherwise the whole policy is compiled again.
+    fn refresh(&mut self, devices: &BTreeSet<String>) -> anyhow::Result<()> {
+        let state = self.device_state(&self.statics);
+        let changes = self
+            .datapath
+            .live()
+            .and_then(|live| live.recompile_devices(&self.policy, &state, devices));
+        let Some(changes) = changes else {
+            let compiled = self.compile(&self.policy)?;
+            return self.install(compiled);
+        };
+        let installed = self.datapath.patch(&changes)?;
+        debug!(
+            devices = devices.len(),
+            entries_written = installed.written,
+            in_force_us = installed.in_force.as_micros() as u64,
+            "device endpoints installed"
+        );
+        Ok(())
     }
 
     fn policy_loaded(&mut self) {
@@ -524,7 +568,10 @@ impl Agent {
     }
 
     /// Quarantines `device` (SPEC §2 rule 3): kept in the state directory, in force in the
-    /// kernel, its tracked flows cut, on the record; all before this returns.
+    /// kernel, on the record; all before this returns. From then on the kernel passes no
+    /// tracked flow of the device but those it opens under the Quarantine rules; the
+    /// others are deleted right after the answer (see [`Agent::cut_pending_flows`]), so
+    /// that they do not resume on release.
     fn quarantine(&mut self, device: &str, reason: &str, by: &str) -> Result<String, String> {
         self.knows_device(device)?;
         if let Some(record) = self.state.quarantined.get(device) {
@@ -539,7 +586,7 @@ impl Agent {
             by: by.to_owned(),
         };
         self.state.quarantined.insert(device.to_owned(), record);
-        self.commit_state(|agent| {
+        self.commit_state(&BTreeSet::from([device.to_owned()]), |agent| {
             agent.state.quarantined.remove(device);
         })?;
         let addrs: Vec<Addr> = self
@@ -547,11 +594,8 @@ impl Agent {
             .iter()
             .map(|a| addr_octets(a.address))
             .collect();
-        let number = self.device_number(device);
-        let cut = self
-            .datapath
-            .cut_flows(&number.into_iter().collect::<Vec<_>>(), &addrs)
-            .map_err(|e| format!("cutting the tracked flows of {device}: {e}"))?;
+        self.pending_cuts.devices.extend(self.device_number(device));
+        self.pending_cuts.addrs.extend(addrs);
         self.audit.record(
             AuditEvent::new(EventKind::Quarantine)
                 .device(device.to_owned())
@@ -559,7 +603,21 @@ impl Agent {
                 .reason(reason.to_owned())
                 .source(by.to_owned()),
         );
-        Ok(format!("{device} quarantined ({cut} tracked flows cut)"))
+        Ok(format!("{device} quarantined"))
+    }
+
+    /// Deletes the tracked flows that quarantines and moves ended. The kernel already
+    /// passes none of them (see `continues_tracked`); this walk over the flow table keeps
+    /// them from resuming later and runs after the answer, off the command's latency.
+    fn cut_pending_flows(&mut self) {
+        if self.pending_cuts.devices.is_empty() && self.pending_cuts.addrs.is_empty() {
+            return;
+        }
+        let cuts = std::mem::take(&mut self.pending_cuts);
+        match self.datapath.cut_flows(&cuts.devices, &cuts.addrs) {
+            Ok(cut) => debug!(cut, "tracked flows cut"),
+            Err(error) => warn!(error = %error, "cutting tracked flows"),
+        }
     }
 
     fn release(&mut self, device: &str) -> Result<String, String> {
@@ -567,7 +625,7 @@ impl Agent {
         let Some(record) = self.state.quarantined.remove(device) else {
             return Err(format!("{device} is not quarantined"));
         };
-        self.commit_state(|agent| {
+        self.commit_state(&BTreeSet::from([device.to_owned()]), |agent| {
             agent.state.quarantined.insert(device.to_owned(), record);
         })?;
         self.audit.record(
@@ -578,14 +636,18 @@ impl Agent {
         Ok(format!("{device} released"))
     }
 
-    /// Saves the state, then puts it into the kernel. On failure `undo` reverts the
-    /// caller's change, and the state file is written back: kernel and file keep the old
-    /// state.
-    fn commit_state(&mut self, undo: impl FnOnce(&mut Self)) -> Result<(), String> {
+    /// Saves the state, then puts the change to `devices` into the kernel. On failure
+    /// `undo` reverts the caller's change, and the state file is written back: kernel and
+    /// file keep the old state.
+    fn commit_state(
+        &mut self,
+        devices: &BTreeSet<String>,
+        undo: impl FnOnce(&mut Self),
+    ) -> Result<(), String> {
         self.sync_bindings();
         let result = state::save(&self.config.state_dir, &self.state)
             .map_err(|e| e.to_string())
-            .and_then(|()| self.refresh().map_err(|e| format!("{e:#}")));
+            .and_then(|()| self.refresh(devices).map_err(|e| format!("{e:#}")));
         if result.is_err() {
             undo(self);
             self.sync_bindings();
@@ -613,15 +675,19 @@ impl Agent {
         if moved.is_empty() {
             return Ok(0);
         }
-        self.commit_state(|agent| agent.bindings = before_bindings)?;
-        let left: Vec<Addr> = moved
+        let devices: BTreeSet<String> = moved
             .iter()
-            .filter(|m| m.from.is_some())
-            .map(|m| addr_octets(m.address))
+            .flat_map(|m| [&m.from, &m.to])
+            .flatten()
+            .map(|(device, _)| device.clone())
             .collect();
-        if let Err(error) = self.datapath.cut_flows(&[], &left) {
-            warn!(error = %error, "cutting the flows of moved addresses");
-        }
+        self.commit_state(&devices, |agent| agent.bindings = before_bindings)?;
+        self.pending_cuts.addrs.extend(
+            moved
+                .iter()
+                .filter(|m| m.from.is_some())
+                .map(|m| addr_octets(m.address)),
+        );
         for m in &moved {
             for (kind, end) in [(EventKind::Unbind, &m.from), (EventKind::Bind, &m.to)] {
                 if let Some((device, source)) = end {

@@ -25,7 +25,7 @@ use agent_ebpf::{
 };
 use ipnet::{IpNet, Ipv6Net};
 
-use super::model::{canonical_net, Location, Mode, Policy, PortSpec, Source, Target};
+use super::model::{canonical_net, Device, Location, Mode, Policy, PortSpec, Source, Target};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
@@ -61,11 +61,194 @@ pub struct CompiledPolicy {
     pub segment_names: Vec<String>,
     /// Device numbers are indices + 1 here.
     pub device_ids: Vec<String>,
+    /// How addresses were classified, kept so that one device's endpoints can be compiled
+    /// again on their own (see [`CompiledPolicy::recompile_devices`]).
+    classification: Classification,
+    /// The gateway's own endpoints, which a device's address takes precedence over.
+    gateway: BTreeMap<AddrKey, Endpoint>,
+}
+
+/// Entries to write (`Some`) or remove (`None`), map by map, in the order of the keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntryChanges {
+    pub endpoints: Vec<(AddrKey, Option<Endpoint>)>,
+    pub zones: Vec<((u32, AddrKey), Option<ZoneIdentity>)>,
+    pub segments: Vec<(SegmentKey, Option<SegmentPolicy>)>,
+    pub policy: Vec<(PolicyKey, Option<PolicyValue>)>,
+}
+
+impl EntryChanges {
+    /// What turns the entries of `old` into those of `new`.
+    pub fn between(old: &CompiledPolicy, new: &CompiledPolicy) -> EntryChanges {
+        EntryChanges {
+            endpoints: changes(&old.endpoints, &new.endpoints),
+            zones: changes(&old.zones, &new.zones),
+            segments: changes(&old.segments, &new.segments),
+            policy: changes(&old.policy, &new.policy),
+        }
+    }
+
+    /// How many entries change.
+    pub fn len(&self) -> usize {
+        self.endpoints.len() + self.zones.len() + self.segments.len() + self.policy.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The changes from `old` to `new`, in one walk over both.
+fn changes<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> Vec<(K, Option<V>)> {
+    use std::cmp::Ordering;
+    let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+    let mut out = Vec::new();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => return out,
+            (Some((&k, _)), None) => {
+                out.push((k, None));
+                old.next();
+            }
+            (None, Some((&k, &v))) => {
+                out.push((k, Some(v)));
+                new.next();
+            }
+            (Some((&ko, vo)), Some((&kn, &vn))) => match ko.cmp(&kn) {
+                Ordering::Less => {
+                    out.push((ko, None));
+                    old.next();
+                }
+                Ordering::Greater => {
+                    out.push((kn, Some(vn)));
+                    new.next();
+                }
+                Ordering::Equal => {
+                    if **vo != vn {
+                        out.push((kn, Some(vn)));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+}
+
+fn apply<K: Ord + Copy, V: Copy>(map: &mut BTreeMap<K, V>, changes: &[(K, Option<V>)]) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => map.insert(*k, *v),
+            None => map.remove(k),
+        };
+    }
 }
 
 impl CompiledPolicy {
     pub fn rule(&self, id: u32) -> Option<&RuleRef> {
         self.rules.get((id as usize).checked_sub(1)?)
+    }
+
+    /// Applies `changes` to the entries (rules and names stay as they are).
+    pub fn apply(&mut self, changes: &EntryChanges) {
+        apply(&mut self.endpoints, &changes.endpoints);
+        apply(&mut self.zones, &changes.zones);
+        apply(&mut self.segments, &changes.segments);
+        apply(&mut self.policy, &changes.policy);
+    }
+
+    /// The endpoint changes that compiling `policy` (the policy this was compiled from)
+    /// with `state` makes to the devices `devices`, whose learned addresses or quarantine
+    /// changed; everything else stays. Costs one walk over the devices and endpoints, not a
+    /// compilation. `None` when the full compilation is needed: a device's address needs an
+    /// identity this compilation does not have, or is taken from an owner not in `devices`.
+    pub fn recompile_devices(
+        &self,
+        policy: &Policy,
+        state: &DeviceState,
+        devices: &BTreeSet<String>,
+    ) -> Option<EntryChanges> {
+        // Learned addresses that the policy binds statically to another device are not used.
+        let learned: BTreeSet<IpAddr> = devices
+            .iter()
+            .filter_map(|d| state.learned.get(d))
+            .flatten()
+            .map(|ip| ip.to_canonical())
+            .collect();
+        let static_owners: HashMap<IpAddr, &str> = policy
+            .segments
+            .iter()
+            .flat_map(|s| &s.devices)
+            .flat_map(|d| {
+                d.addresses
+                    .iter()
+                    .map(move |ip| (ip.to_canonical(), d.id.as_str()))
+            })
+            .filter(|(ip, _)| learned.contains(ip))
+            .collect();
+        let identities = &self.classification.identities;
+        let mut wanted = BTreeMap::new();
+        let mut numbers = BTreeSet::new();
+        let mut number = 0u32;
+        for (s, segment) in policy.segments.iter().enumerate() {
+            for device in &segment.devices {
+                number += 1;
+                if !devices.contains(&device.id) {
+                    continue;
+                }
+                if self.device_ids.get(number as usize - 1) != Some(&device.id) {
+                    return None; // not the policy this was compiled from
+                }
+                numbers.insert(number);
+                let learned = state.learned.get(&device.id).into_iter().flatten();
+                let addresses = device.addresses.iter().chain(learned.filter(|ip| {
+                    static_owners
+                        .get(&ip.to_canonical())
+                        .is_none_or(|owner| *owner == device.id)
+                }));
+                let place = DevicePlace {
+                    segment: s,
+                    number,
+                    audit: segment.mode == Mode::Audit,
+                    quarantine_segment: policy.segments.len(),
+                };
+                wanted.extend(place.endpoints(
+                    device,
+                    addresses.copied(),
+                    state.quarantined.contains(&device.id),
+                    &self.classification.classifier,
+                    |set| identities.find(set),
+                )?);
+            }
+        }
+        let taken_from_others = wanted.keys().any(|k| {
+            self.endpoints
+                .get(k)
+                .is_some_and(|e| !numbers.contains(&e.device) && e.flags & ENDPOINT_DEVICE != 0)
+        });
+        if taken_from_others {
+            return None;
+        }
+        let current: BTreeMap<AddrKey, Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.flags & ENDPOINT_DEVICE != 0 && numbers.contains(&e.device))
+            .map(|(k, e)| (*k, *e))
+            .collect();
+        let mut endpoints = changes(&current, &wanted);
+        // An address a device gives up that is the gateway's goes back to the gateway.
+        for (k, v) in &mut endpoints {
+            if v.is_none() {
+                *v = self.gateway.get(k).copied();
+            }
+        }
+        Some(EntryChanges {
+            endpoints,
+            ..EntryChanges::default()
+        })
     }
 }
 
@@ -251,13 +434,6 @@ pub fn compile_with(
             _ => None,
         })
         .collect();
-    let cidr_classes = |contains: &dyn Fn(&IpNet) -> bool| -> Vec<Class> {
-        targeted_cidrs
-            .iter()
-            .filter(|n| contains(n))
-            .map(|n| Class::Cidr(*n))
-            .collect()
-    };
 
     let statically_bound: HashMap<IpAddr, &str> = policy
         .segments
@@ -269,11 +445,14 @@ pub fn compile_with(
                 .map(|ip| (ip.to_canonical(), d.id.as_str()))
         })
         .collect();
+    let classifier = Classifier {
+        targeted,
+        targeted_cidrs,
+    };
     let mut identities = Identities::default();
     let mut device_number = 0u32;
     for (s, segment) in policy.segments.iter().enumerate() {
         out.segment_names.push(segment.name.clone());
-        let audit = segment.mode == Mode::Audit;
         for device in &segment.devices {
             device_number += 1;
             out.device_ids.push(device.id.clone());
@@ -283,41 +462,21 @@ pub fn compile_with(
                     .get(&ip.to_canonical())
                     .is_none_or(|owner| *owner == device.id)
             }));
-            let quarantined = state.quarantined.contains(&device.id);
-            let mut flags = ENDPOINT_DEVICE;
-            if device.mac.is_some() {
-                flags |= ENDPOINT_CHECK_MAC;
-            }
-            if audit {
-                flags |= ENDPOINT_AUDIT;
-            }
-            if quarantined {
-                flags |= ENDPOINT_QUARANTINED;
-            }
-            for ip in addresses.map(IpAddr::to_canonical) {
-                let (segment, identity) = if quarantined {
-                    (
-                        quarantine_segment + usize::from(audit),
-                        IDENTITY_QUARANTINED,
-                    )
-                } else {
-                    let mut classes = cidr_classes(&|n| n.contains(&ip));
-                    classes.extend([Class::Segment(s), Class::Device(device_number as usize - 1)]);
-                    (s, identities.intern(classes, &targeted))
-                };
-                out.endpoints.insert(
-                    key(addr_octets(ip)),
-                    Endpoint {
-                        device: device_number,
-                        identity,
-                        segment: segment as u16,
-                        flags,
-                        _pad: 0,
-                        mac: device.mac.map_or([0; 6], |m| m.0),
-                        _pad2: [0; 2],
-                    },
-                );
-            }
+            let placed = DevicePlace {
+                segment: s,
+                number: device_number,
+                audit: segment.mode == Mode::Audit,
+                quarantine_segment,
+            };
+            let entries = placed.endpoints(
+                device,
+                addresses.copied(),
+                state.quarantined.contains(&device.id),
+                &classifier,
+                |set| Some(identities.intern(set)),
+            );
+            out.endpoints
+                .extend(entries.expect("interning always finds an identity"));
         }
     }
     out.segment_names.extend([
@@ -325,22 +484,24 @@ pub fn compile_with(
         QUARANTINE_SEGMENT_NAME.to_owned(),
     ]);
     for ip in gateway_addrs.iter().map(IpAddr::to_canonical) {
-        let mut classes = cidr_classes(&|n| n.contains(&ip));
+        let mut classes = classifier.cidr_classes(|n| n.contains(&ip));
         classes.push(Class::Gateway);
+        let endpoint = Endpoint {
+            identity: identities.intern(classifier.targeted_set(classes)),
+            ..Endpoint::default()
+        };
+        out.gateway.insert(key(addr_octets(ip)), endpoint);
         out.endpoints
             .entry(key(addr_octets(ip)))
-            .or_insert(Endpoint {
-                identity: identities.intern(classes, &targeted),
-                ..Endpoint::default()
-            });
+            .or_insert(endpoint);
     }
-    for net in &targeted_cidrs {
-        let classes = cidr_classes(&|outer| outer.contains(net));
+    for net in &classifier.targeted_cidrs {
+        let classes = classifier.cidr_classes(|outer| outer.contains(net));
         let (bits, addr) = prefix_bits(net);
         out.zones.insert(
             (ADDR_KEY_HEADER_BITS + bits, key(addr)),
             ZoneIdentity {
-                identity: identities.intern(classes, &targeted),
+                identity: identities.intern(classifier.targeted_set(classes)),
             },
         );
     }
@@ -349,7 +510,8 @@ pub fn compile_with(
     // the device addresses above), so that range gets an entry of its own, for the world:
     // an IPv4 CIDR covering it all (0.0.0.0/0) already has this very key.
     let v4_space = Ipv6Net::new(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96).expect("a /96");
-    if targeted_cidrs
+    if classifier
+        .targeted_cidrs
         .iter()
         .any(|n| matches!(n, IpNet::V6(v6) if v6.contains(&v4_space)))
     {
@@ -364,7 +526,7 @@ pub fn compile_with(
     // Bit n of a segment's mask: some entry of that direction has port prefix length n.
     let mut port_prefix_masks = vec![(0u32, 0u32); out.segment_names.len()];
     for grant in &grants {
-        for (classes, &identity) in &identities.numbers {
+        for (classes, &identity) in &identities.0 {
             if !grant.peer.iter().any(|c| classes.contains(c)) {
                 continue;
             }
@@ -432,6 +594,10 @@ pub fn compile_with(
             });
         }
     }
+    out.classification = Classification {
+        classifier,
+        identities,
+    };
     Ok(out)
 }
 
@@ -476,23 +642,122 @@ struct Grant<'a> {
     rule: u32,
 }
 
-/// Interned class sets; only classes that some rule names count.
-#[derive(Default)]
-struct Identities {
-    numbers: BTreeMap<BTreeSet<Class>, u32>,
+/// How a compilation classifies addresses: the classes some rule names, and the class
+/// sets it has interned as identities.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Classification {
+    classifier: Classifier,
+    identities: Identities,
 }
 
-impl Identities {
-    fn intern(&mut self, classes: Vec<Class>, targeted: &BTreeSet<Class>) -> u32 {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Classifier {
+    targeted: BTreeSet<Class>,
+    targeted_cidrs: Vec<IpNet>,
+}
+
+impl Classifier {
+    /// The targeted CIDRs that `contains` picks, as classes.
+    fn cidr_classes(&self, contains: impl Fn(&IpNet) -> bool) -> Vec<Class> {
+        self.targeted_cidrs
+            .iter()
+            .filter(|n| contains(n))
+            .map(|n| Class::Cidr(*n))
+            .collect()
+    }
+
+    /// The targeted part of `classes`; `None` (nothing targeted) is the world.
+    fn targeted_set(&self, classes: Vec<Class>) -> Option<BTreeSet<Class>> {
         let set: BTreeSet<Class> = classes
             .into_iter()
-            .filter(|c| targeted.contains(c))
+            .filter(|c| self.targeted.contains(c))
             .collect();
-        if set.is_empty() {
+        (!set.is_empty()).then_some(set)
+    }
+}
+
+/// Interned class sets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Identities(BTreeMap<BTreeSet<Class>, u32>);
+
+impl Identities {
+    fn intern(&mut self, set: Option<BTreeSet<Class>>) -> u32 {
+        let Some(set) = set else {
             return IDENTITY_WORLD;
+        };
+        let next = self.0.len() as u32 + 1;
+        *self.0.entry(set).or_insert(next)
+    }
+
+    /// The identity of `set` if it is interned already.
+    fn find(&self, set: Option<BTreeSet<Class>>) -> Option<u32> {
+        match set {
+            None => Some(IDENTITY_WORLD),
+            Some(set) => self.0.get(&set).copied(),
         }
-        let next = self.numbers.len() as u32 + 1;
-        *self.numbers.entry(set).or_insert(next)
+    }
+}
+
+/// Where a device sits in a compiled policy.
+struct DevicePlace {
+    segment: usize,
+    /// Its number in the datapath (index in `device_ids` + 1).
+    number: u32,
+    audit: bool,
+    quarantine_segment: usize,
+}
+
+impl DevicePlace {
+    /// The endpoint entries of `device` at `addresses`; `identity` turns an address's
+    /// targeted classes into its identity, or gives up (then so does this).
+    fn endpoints(
+        &self,
+        device: &Device,
+        addresses: impl Iterator<Item = IpAddr>,
+        quarantined: bool,
+        classifier: &Classifier,
+        mut identity: impl FnMut(Option<BTreeSet<Class>>) -> Option<u32>,
+    ) -> Option<Vec<(AddrKey, Endpoint)>> {
+        let mut flags = ENDPOINT_DEVICE;
+        if device.mac.is_some() {
+            flags |= ENDPOINT_CHECK_MAC;
+        }
+        if self.audit {
+            flags |= ENDPOINT_AUDIT;
+        }
+        if quarantined {
+            flags |= ENDPOINT_QUARANTINED;
+        }
+        addresses
+            .map(|ip| ip.to_canonical())
+            .map(|ip| {
+                let (segment, identity) = if quarantined {
+                    (
+                        self.quarantine_segment + usize::from(self.audit),
+                        IDENTITY_QUARANTINED,
+                    )
+                } else {
+                    let mut classes = classifier.cidr_classes(|n| n.contains(&ip));
+                    classes.extend([
+                        Class::Segment(self.segment),
+                        Class::Device(self.number as usize - 1),
+                    ]);
+                    (self.segment, identity(classifier.targeted_set(classes))?)
+                };
+                Some((
+                    key(addr_octets(ip)),
+                    Endpoint {
+                        device: self.number,
+                        identity,
+                        segment: segment as u16,
+                        flags,
+                        _pad: 0,
+                        mac: device.mac.map_or([0; 6], |m| m.0),
+                        _pad2: [0; 2],
+                    },
+                ))
+            })
+            .collect()
     }
 }
 
@@ -665,5 +930,96 @@ mod tests {
                 assert_eq!(covered, want, "port {port} in {lo}-{hi}: prefixes {p:?}");
             }
         }
+    }
+
+    /// What an endpoint means, whatever numbers its compilation gave identities: the
+    /// class set behind its identity (`None`: the world; quarantined endpoints carry none).
+    fn meaning(
+        p: &CompiledPolicy,
+        e: &Endpoint,
+    ) -> (u32, u16, u8, [u8; 6], Option<BTreeSet<Class>>) {
+        let classes = p
+            .classification
+            .identities
+            .0
+            .iter()
+            .find(|(_, &n)| n == e.identity)
+            .map(|(set, _)| set.clone());
+        (e.device, e.segment, e.flags, e.mac, classes)
+    }
+
+    #[test]
+    fn recompiling_devices_gives_what_a_full_compilation_gives() {
+        let yaml = "kind: Zone\nname: plant\ncidrs: [10.1.0.0/16]\n---\n\
+            kind: Segment\nname: a\ndevices:\n\
+            - {id: a1, mac: \"02:00:00:00:00:01\", addresses: [10.1.0.1]}\n\
+            - {id: a2, addresses: [10.2.0.1]}\n\
+            allow: [{to: b, ports: [80/tcp]}]\n---\n\
+            kind: Segment\nname: b\nmode: audit\ndevices:\n\
+            - {id: b1, addresses: [10.1.0.5]}\n- {id: b2, addresses: []}\n\
+            allow: [{to: plant, ports: [any]}, {to: a1, ports: [22/tcp]}]\n---\n\
+            kind: Quarantine\nallow: [{to: plant, ports: [443/tcp]}]\n";
+        let policy = crate::policy::load::load_str(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let gateway: Vec<IpAddr> = vec!["10.1.0.254".parse().unwrap()];
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let learned = |pairs: &[(&str, &str)]| -> BTreeMap<String, BTreeSet<IpAddr>> {
+            let mut m: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+            for (d, a) in pairs {
+                m.entry(d.to_string()).or_default().insert(ip(a));
+            }
+            m
+        };
+        let state = |pairs: &[(&str, &str)], quarantined: &[&str]| DeviceState {
+            learned: learned(pairs),
+            quarantined: quarantined.iter().map(|d| d.to_string()).collect(),
+        };
+        // Each step: the state after it. Consecutive states are patched one to the next.
+        let steps = [
+            state(&[], &[]),
+            state(&[("a2", "10.2.0.7")], &[]), // same identity as a2's own
+            state(&[("b1", "10.2.0.7")], &[]), // moved to another segment
+            state(&[("b1", "10.2.0.7"), ("b2", "10.1.0.6")], &[]), // b2's first address
+            state(&[("b1", "10.2.0.7"), ("b2", "10.1.0.6")], &["a1"]),
+            state(&[("b2", "10.1.0.6")], &["a1", "b2"]), // audit-segment quarantine
+            state(&[("b2", "10.1.0.6")], &["b2"]),       // release
+            state(&[("a2", "10.1.0.9")], &[]),           // needs a new identity
+            state(&[("a2", "10.1.0.254")], &[]),         // the gateway's address
+            state(&[], &[]),                             // ... given back
+            state(&[("b1", "10.1.0.1")], &[]),           // a1's static address
+        ];
+        let mut patched_steps = 0;
+        for pair in steps.windows(2) {
+            let (before, after) = (&pair[0], &pair[1]);
+            let touched: BTreeSet<String> = ["a1", "a2", "b1", "b2"]
+                .into_iter()
+                .filter(|d| {
+                    before.learned.get(*d) != after.learned.get(*d)
+                        || before.quarantined.contains(*d) != after.quarantined.contains(*d)
+                })
+                .map(String::from)
+                .collect();
+            let mut patched = compile_with(&policy, &gateway, before).unwrap();
+            let full = compile_with(&policy, &gateway, after).unwrap();
+            let Some(changes) = patched.recompile_devices(&policy, after, &touched) else {
+                continue;
+            };
+            patched_steps += 1;
+            patched.apply(&changes);
+            let keys: BTreeSet<&AddrKey> = patched
+                .endpoints
+                .keys()
+                .chain(full.endpoints.keys())
+                .collect();
+            for k in keys {
+                let p = patched.endpoints.get(k).map(|e| meaning(&patched, e));
+                let f = full.endpoints.get(k).map(|e| meaning(&full, e));
+                assert_eq!(p, f, "{before:?} → {after:?}: endpoint {:?}", k.addr);
+            }
+        }
+        assert!(
+            patched_steps >= 7,
+            "only {patched_steps} of {} steps could be patched",
+            steps.len() - 1
+        );
     }
 }
