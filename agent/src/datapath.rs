@@ -25,7 +25,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -74,6 +74,11 @@ pub enum DatapathError {
     Map { map: &'static str, source: MapError },
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("map {map}: a second descriptor: {source}")]
+    Dup {
+        map: &'static str,
+        source: std::io::Error,
+    },
     #[error("no policy is installed yet")]
     NoPolicy,
     #[error("BPF_PROG_TEST_RUN: {0}")]
@@ -480,40 +485,36 @@ impl Datapath {
         self.write_config()
     }
 
-    /// Cuts tracked flows (SPEC §2 rule 3, §2.7): those opened by or to one of `devices`,
-    /// and those with an end at one of `addrs`; also the datagrams of `devices`. Returns
-    /// the number of flows cut.
-    pub fn cut_flows(&mut self, devices: &[u32], addrs: &[Addr]) -> Result<usize, DatapathError> {
-        let involved = |device: u32, src: &Addr, dst: &Addr| {
-            devices.contains(&device) || addrs.contains(src) || addrs.contains(dst)
+    /// A handle on the tracked-flow maps that deletes flows, for another thread: walking
+    /// a full flow table takes long enough to be kept off the daemon's loop.
+    pub fn flow_cutter(&self) -> Result<FlowCutter, DatapathError> {
+        let own = |name: &'static str| -> Result<Map, DatapathError> {
+            let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+            let Map::LruHashMap(data) = map else {
+                return Err(DatapathError::Missing(name));
+            };
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Dup { map: name, source })?;
+            Ok(Map::LruHashMap(
+                MapData::from_fd(fd).map_err(map_err(name))?,
+            ))
         };
-        let cut = self.remove_where::<FlowKey, FlowEntry>(MAP_CONNTRACK, |k, e| {
-            involved(e.device, &k.src, &k.dst)
-        })?;
-        self.remove_where::<DatagramKey, DatagramEntry>(MAP_FRAGMENTS, |k, e| {
-            involved(e.device, &k.src, &k.dst)
-        })?;
-        Ok(cut)
+        Ok(FlowCutter {
+            conntrack: HashMap::try_from(own(MAP_CONNTRACK)?).map_err(map_err(MAP_CONNTRACK))?,
+            fragments: HashMap::try_from(own(MAP_FRAGMENTS)?).map_err(map_err(MAP_FRAGMENTS))?,
+        })
     }
 
-    /// Removes the entries of hash map `name` that `doomed` picks; how many it removed.
+    /// Removes the entries of hash map `name` that `doomed` picks.
     fn remove_where<K: Pod, V: Pod>(
         &mut self,
         name: &'static str,
         doomed: impl Fn(&K, &V) -> bool,
     ) -> Result<usize, DatapathError> {
-        let mut map = self.hash::<K, V>(name)?;
-        let keys: Vec<K> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| doomed(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        for key in &keys {
-            // Gone already (expired, evicted) is as good as removed.
-            let _ = map.remove(key);
-        }
-        Ok(keys.len())
+        Ok(remove_where(&mut self.hash::<K, V>(name)?, doomed))
     }
 
     /// Tracked flows (live or idle but not yet evicted).
@@ -779,6 +780,46 @@ impl Datapath {
             .ok_or(DatapathError::Missing(MAP_ZONES))?;
         LpmTrie::try_from(map).map_err(map_err(MAP_ZONES))
     }
+}
+
+/// Deletes tracked flows (SPEC §2 rule 3, §2.7); see [`Datapath::flow_cutter`].
+pub struct FlowCutter {
+    conntrack: HashMap<MapData, FlowKey, FlowEntry>,
+    fragments: HashMap<MapData, DatagramKey, DatagramEntry>,
+}
+
+impl FlowCutter {
+    /// Deletes the tracked flows opened by or to one of `devices`, and those with an end
+    /// at one of `addrs`; also such datagrams. Returns the number of flows.
+    pub fn cut(&mut self, devices: &[u32], addrs: &[Addr]) -> usize {
+        let involved = |device: u32, src: &Addr, dst: &Addr| {
+            devices.contains(&device) || addrs.contains(src) || addrs.contains(dst)
+        };
+        remove_where(&mut self.fragments, |k, e| {
+            involved(e.device, &k.src, &k.dst)
+        });
+        remove_where(&mut self.conntrack, |k, e| {
+            involved(e.device, &k.src, &k.dst)
+        })
+    }
+}
+
+/// Removes the entries of `map` that `doomed` picks; how many it removed. Entries gone
+/// already (expired, evicted) count as removed.
+fn remove_where<T: std::borrow::BorrowMut<MapData>, K: Pod, V: Pod>(
+    map: &mut HashMap<T, K, V>,
+    doomed: impl Fn(&K, &V) -> bool,
+) -> usize {
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| doomed(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for key in &keys {
+        let _ = map.remove(key);
+    }
+    keys.len()
 }
 
 /// Swaps a program into the link pinned at `path`, if there is one that still works.

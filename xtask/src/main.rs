@@ -73,7 +73,16 @@ fn bench(quick: bool) -> Result<()> {
     };
     step(what);
     let mut cmd = cargo();
-    cmd.args(["bench", "--package", "segward", "--bench", "segward", "--", "--out", out]);
+    cmd.args([
+        "bench",
+        "--package",
+        "segward",
+        "--bench",
+        "segward",
+        "--",
+        "--out",
+        out,
+    ]);
     if quick {
         cmd.arg("--quick");
     }

@@ -34,7 +34,7 @@ use crate::{
         },
         Reply, Request, Response,
     },
-    datapath::{pin_dir, uninstall, Datapath},
+    datapath::{pin_dir, uninstall, Datapath, FlowCutter},
     identity::{leases, moves, Bindings},
     metrics::{self, Scrape, Snapshot},
     netns::Netns,
@@ -98,6 +98,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         binds: state.binds.clone(),
         leases: state.leases.clone(),
     };
+    let datapath_cutter = datapath.flow_cutter()?;
     let mut agent = Agent {
         gateway: netns.gateway_addresses()?,
         statics: statics_of(&policy),
@@ -116,6 +117,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         started: Instant::now(),
         next_lease_expiry: None,
         pending_cuts: PendingCuts::default(),
+        flow_cuts: spawn_flow_cutter(datapath_cutter)?,
     };
     let compiled = agent.compile(&agent.policy)?;
     agent.install(compiled)?;
@@ -228,6 +230,24 @@ struct PendingCuts {
     addrs: Vec<Addr>,
 }
 
+/// Deletes tracked flows on a thread of its own: a walk over a full flow table takes long
+/// enough (~100 ms at 60k flows) to hold up the commands that come after it.
+fn spawn_flow_cutter(
+    mut cutter: FlowCutter,
+) -> anyhow::Result<std::sync::mpsc::Sender<PendingCuts>> {
+    let (tx, rx) = std::sync::mpsc::channel::<PendingCuts>();
+    std::thread::Builder::new()
+        .name("flow-cutter".into())
+        .spawn(move || {
+            for cuts in rx {
+                let cut = cutter.cut(&cuts.devices, &cuts.addrs);
+                debug!(cut, "tracked flows cut");
+            }
+        })
+        .context("starting the flow-cutter thread")?;
+    Ok(tx)
+}
+
 /// The daemon's state, owned by its one task.
 struct Agent {
     policy: Policy,
@@ -250,6 +270,8 @@ struct Agent {
     next_lease_expiry: Option<SystemTime>,
     /// Tracked flows to delete once the change that ended them is in force and answered.
     pending_cuts: PendingCuts,
+    /// Where they go to be deleted (see [`spawn_flow_cutter`]).
+    flow_cuts: std::sync::mpsc::Sender<PendingCuts>,
 }
 
 /// The next change a watch reports; never, without a watch.
@@ -368,25 +390,29 @@ impl Agent {
         info!(generation = self.generation, "policy loaded");
         self.audit
             .record(AuditEvent::new(EventKind::PolicyLoaded).generation(self.generation));
+        // Parsing a big policy peaks far above what the daemon keeps; hand that back.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     /// Reloads after a change in the policy directory, unless what it holds now compiles
     /// to exactly what is in force (an editor's save of an unchanged file, a `git pull`
     /// that changed other files).
     fn reload_if_changed(&mut self) -> Result<u64, String> {
-        let unchanged = load_dir(&self.policy_dir)
-            .ok()
-            .and_then(|policy| self.compile(&policy).ok())
-            .is_some_and(|compiled| self.datapath.live() == Some(&compiled));
-        if unchanged {
-            return Ok(self.generation);
-        }
-        self.reload()
+        self.load_policy(true)
+    }
+
+    fn reload(&mut self) -> Result<u64, String> {
+        self.load_policy(false)
     }
 
     /// Loads the policy directory again; a policy that fails to load or compile changes
-    /// nothing: the old one keeps enforcing.
-    fn reload(&mut self) -> Result<u64, String> {
+    /// nothing: the old one keeps enforcing. `skip_unchanged`: nor does one that compiles
+    /// to exactly what is in force.
+    fn load_policy(&mut self, skip_unchanged: bool) -> Result<u64, String> {
         let attempt = load_dir(&self.policy_dir)
             .map_err(anyhow::Error::from)
             .and_then(|policy| {
@@ -408,6 +434,9 @@ impl Agent {
                 return Err(error);
             }
         };
+        if skip_unchanged && self.datapath.live() == Some(&compiled) {
+            return Ok(self.generation);
+        }
         self.statics = statics_of(&policy);
         self.triggers = Triggers::new(policy.quarantine.as_ref());
         self.policy = policy;
@@ -606,17 +635,20 @@ impl Agent {
         Ok(format!("{device} quarantined"))
     }
 
-    /// Deletes the tracked flows that quarantines and moves ended. The kernel already
-    /// passes none of them (see `continues_tracked`); this walk over the flow table keeps
-    /// them from resuming later and runs after the answer, off the command's latency.
+    /// Has the tracked flows that quarantines and moves ended deleted, after the answer
+    /// and off the daemon's loop. The kernel passes a quarantined device none of them
+    /// already (see `continues_tracked`); deleting them keeps them from resuming on
+    /// release, and ends the flows at a moved address.
     fn cut_pending_flows(&mut self) {
         if self.pending_cuts.devices.is_empty() && self.pending_cuts.addrs.is_empty() {
             return;
         }
-        let cuts = std::mem::take(&mut self.pending_cuts);
-        match self.datapath.cut_flows(&cuts.devices, &cuts.addrs) {
-            Ok(cut) => debug!(cut, "tracked flows cut"),
-            Err(error) => warn!(error = %error, "cutting tracked flows"),
+        if self
+            .flow_cuts
+            .send(std::mem::take(&mut self.pending_cuts))
+            .is_err()
+        {
+            warn!("the flow-cutter thread is gone; tracked flows are no longer cut");
         }
     }
 
@@ -636,21 +668,28 @@ impl Agent {
         Ok(format!("{device} released"))
     }
 
-    /// Saves the state, then puts the change to `devices` into the kernel. On failure
-    /// `undo` reverts the caller's change, and the state file is written back: kernel and
-    /// file keep the old state.
+    /// Puts the change to `devices` into the kernel, then saves the state (durably: the
+    /// caller answers only after this returns). The kernel goes first because saving waits
+    /// for the disk (fsync), which would hold a quarantine back by milliseconds. On
+    /// failure `undo` reverts the caller's change, and kernel and file keep the old state.
     fn commit_state(
         &mut self,
         devices: &BTreeSet<String>,
         undo: impl FnOnce(&mut Self),
     ) -> Result<(), String> {
         self.sync_bindings();
-        let result = state::save(&self.config.state_dir, &self.state)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.refresh(devices).map_err(|e| format!("{e:#}")));
+        let result = self
+            .refresh(devices)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|()| {
+                state::save(&self.config.state_dir, &self.state).map_err(|e| e.to_string())
+            });
         if result.is_err() {
             undo(self);
             self.sync_bindings();
+            if let Err(e) = self.refresh(devices) {
+                warn!(error = %format!("{e:#}"), "restoring the devices in the kernel");
+            }
             if let Err(e) = state::save(&self.config.state_dir, &self.state) {
                 warn!(error = %e, "restoring the state file");
             }

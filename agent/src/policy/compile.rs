@@ -525,11 +525,23 @@ pub fn compile_with(
 
     // Bit n of a segment's mask: some entry of that direction has port prefix length n.
     let mut port_prefix_masks = vec![(0u32, 0u32); out.segment_names.len()];
+    // The identities that contain each class, so that a rule visits only the identities
+    // it grants (all of them for each rule would grow with rules × identities).
+    let mut containing: HashMap<&Class, Vec<u32>> = HashMap::new();
+    for (classes, &identity) in &identities.0 {
+        for class in classes {
+            containing.entry(class).or_default().push(identity);
+        }
+    }
     for grant in &grants {
-        for (classes, &identity) in &identities.0 {
-            if !grant.peer.iter().any(|c| classes.contains(c)) {
-                continue;
-            }
+        let granted: BTreeSet<u32> = grant
+            .peer
+            .iter()
+            .filter_map(|c| containing.get(c))
+            .flatten()
+            .copied()
+            .collect();
+        for identity in granted {
             for spec in grant.ports {
                 for (port, port_prefix) in port_prefixes(spec) {
                     let entry = PolicyKey {
