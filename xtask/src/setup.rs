@@ -52,17 +52,11 @@ pub fn setup() -> Result<()> {
         ]))?;
     }
 
-    // iproute2 for the lab; netsniff-ng (trafgen), nftables and iptables for the forwarding
-    // benchmark, which compares segward with them.
-    let mut packages: Vec<String> = [
-        "iproute2",
-        "libzstd-dev",
-        "netsniff-ng",
-        "nftables",
-        "iptables",
-    ]
-    .map(String::from)
-    .to_vec();
+    // iproute2 for the lab; nftables and iptables for the forwarding benchmark, which
+    // compares segward with them.
+    let mut packages: Vec<String> = ["iproute2", "libzstd-dev", "nftables", "iptables"]
+        .map(String::from)
+        .to_vec();
     packages.extend([format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")]);
     let missing: Vec<&String> = packages.iter().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
