@@ -267,7 +267,7 @@ fn load_stages(dir: &Path) -> Result<Vec<(&'static str, f64)>> {
 fn flip_rule(policy_dir: &Path, i: u32) -> Result<()> {
     let file = policy_dir.join("seg-0.yaml");
     let text = fs::read_to_string(&file)?;
-    let (from, to) = if i % 2 == 0 {
+    let (from, to) = if i.is_multiple_of(2) {
         ("\"1000/tcp\"", "\"999/tcp\"")
     } else {
         ("\"999/tcp\"", "\"1000/tcp\"")

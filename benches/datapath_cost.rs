@@ -19,14 +19,17 @@ use crate::{
     Options,
 };
 
+/// A frame, and what must run first (the packet that opens the flow a reply belongs to,
+/// at its hook).
+type Frames = (Vec<u8>, Option<(Vec<u8>, Hook)>);
+
 /// A packet class: a name, the hook it is judged at, and whether it should pass.
 struct Class {
     name: &'static str,
     hook: Hook,
     passes: bool,
-    /// The frame of run `k` (runs use different devices), and what must run first (the
-    /// packet that opens the flow a reply belongs to).
-    frame: fn(&Scale, u32) -> (Vec<u8>, Option<(Vec<u8>, Hook)>),
+    /// The frames of run `k` (runs use different devices).
+    frame: fn(&Scale, u32) -> Frames,
 }
 
 const XDP: Hook = Hook::FromDevice;
