@@ -3,7 +3,8 @@
 //! Rules for every type here (DESIGN.md): `#[repr(C)]`, explicit `_pad` fields so no byte
 //! of a key is ever uninitialised, sizes checked at compile time, no bool/enum/Option.
 //! Addresses are 16 network-order octets: IPv6 as is, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`),
-//! so one key type serves both families.
+//! so one key type serves both families. Keys that hold addresses are aligned (`align(4)` or
+//! `align(8)`, which changes no size) so that BPF code copies them in words, not octets.
 //!
 //! Every policy-derived key carries a `generation` slot (0 or 1). A reload writes the new
 //! generation beside the live one, then flips [`Config::generation`] in one store; the
@@ -14,7 +15,9 @@ pub type Addr = [u8; 16];
 
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
-pub const MAP_ZONES: &str = "ZONES";
+/// Not `ZONES`: that was an LPM trie, which a daemon must not adopt (pinned) as this hash.
+pub const MAP_ZONE_PREFIXES: &str = "ZONE_PREFIXES";
+pub const MAP_ZONE_LENGTHS: &str = "ZONE_LENGTHS";
 pub const MAP_SEGMENTS: &str = "SEGMENTS";
 pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -24,15 +27,18 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
+pub const MAP_OVER_LIMIT: &str = "OVER_LIMIT";
 /// Every map, for pinning.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,
+    MAP_OVER_LIMIT,
     MAP_FRAGMENTS,
     MAP_UNKNOWN_SOURCES,
     MAP_CONFIG,
     MAP_ENDPOINTS,
-    MAP_ZONES,
+    MAP_ZONE_PREFIXES,
+    MAP_ZONE_LENGTHS,
     MAP_SEGMENTS,
     MAP_POLICY,
     MAP_COUNTERS,
@@ -43,6 +49,9 @@ pub const ALL_MAPS: [&str; 12] = [
 /// Capacities per generation; the maps hold two generations.
 pub const MAX_ENDPOINTS: u32 = 131_072;
 pub const MAX_ZONE_PREFIXES: u32 = 16_384;
+/// Distinct prefix lengths of the zones that may contain an IPv4 address, and of those that
+/// may contain another one: classifying an address costs a lookup per length.
+pub const MAX_ZONE_LENGTHS: usize = 16;
 pub const MAX_SEGMENTS: u32 = 4_096;
 pub const MAX_POLICY_ENTRIES: u32 = 131_072;
 pub const GENERATIONS: u32 = 2;
@@ -71,12 +80,44 @@ pub const PROG_TO_DEVICE: &str = "segward_to_device";
 /// Mapped-IPv4 prefix length: an IPv4 /n is an IPv6 /(96 + n).
 pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
 
-/// IPv4-mapped form of an IPv4 address.
+/// Is `addr` IPv4-mapped (`::ffff:0:0/96`)?
+#[inline(always)]
+pub fn is_v4_mapped(addr: &Addr) -> bool {
+    let [high, low] = addr_halves(addr);
+    high == 0 && low >> 32 == 0xffff
+}
+
+/// `addr` masked to its first `bits` bits (128 and more: all of it).
+#[inline(always)]
+pub fn mask_addr(addr: &Addr, bits: u8) -> Addr {
+    // In 64-bit halves: BPF has no 128-bit shifts.
+    let [high, low] = addr_halves(addr);
+    let bits = u32::from(bits.min(128));
+    let mask = |bits: u32| u64::MAX.checked_shl(64 - bits).unwrap_or(0);
+    let high = high & mask(bits.min(64));
+    let low = low & mask(bits.saturating_sub(64));
+    let mut masked = [0; 16];
+    masked[..8].copy_from_slice(&high.to_be_bytes());
+    masked[8..].copy_from_slice(&low.to_be_bytes());
+    masked
+}
+
+/// The first and last 8 octets of `addr` as big-endian numbers (compared as two words, not
+/// with `memcmp`, which BPF has only as a byte loop).
+#[inline(always)]
+pub fn addr_halves(addr: &Addr) -> [u64; 2] {
+    let mut high = [0; 8];
+    let mut low = [0; 8];
+    high.copy_from_slice(&addr[..8]);
+    low.copy_from_slice(&addr[8..]);
+    [u64::from_be_bytes(high), u64::from_be_bytes(low)]
+}
+
+/// IPv4-mapped form of an IPv4 address. Computed as a number: ten zero octets written as
+/// such become a `memset` call, which BPF has only as a byte loop.
 #[inline(always)]
 pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    ((0xffff << 32) | u32::from_be_bytes(octets) as u128).to_be_bytes()
 }
 
 /// Global settings, the single entry of the `CONFIG` array.
@@ -116,7 +157,7 @@ impl Config {
 /// A flow as the packets of one direction carry it. Conntrack entries are keyed by the
 /// *reply* direction of an allowed flow, so a reply finds its entry with its own tuple.
 /// ICMP echo carries its identifier in both ports.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub src: Addr,
@@ -144,7 +185,7 @@ pub struct FlowEntry {
 pub const FLOW_QUARANTINED: u32 = 1;
 
 /// A fragmented datagram, as every fragment of it carries it (IPv4 ids are widened).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DatagramKey {
     pub src: Addr,
@@ -165,7 +206,7 @@ pub struct DatagramEntry {
 }
 
 /// A source address (with the MAC it came from) that no device owns.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UnknownKey {
     pub addr: Addr,
@@ -217,22 +258,29 @@ pub struct EventRate {
     pub _pad: u32,
 }
 
+/// A source over its event limit until `until_ns` (its window's end), as one CPU last saw
+/// it; kernel-only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverLimit {
+    /// The `EVENT_RATE` key, as [`addr_halves`].
+    pub source: [u64; 2],
+    pub until_ns: u64,
+}
+
 /// Whole agent in audit mode: would-be drops pass and are counted.
 pub const CONFIG_AUDIT: u8 = 1;
 /// Report each new flow a device opens (event reason `allowed`), for the fan-out trigger.
 pub const CONFIG_REPORT_NEW_FLOWS: u8 = 2;
 
-/// Key of `ENDPOINTS` (exact addresses) and data part of the `ZONES` LPM key.
-#[repr(C)]
+/// Key of `ENDPOINTS`: an exact address.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
     pub generation: u8,
     pub _pad: [u8; 3],
     pub addr: Addr,
 }
-
-/// Bits of an [`AddrKey`] in front of the address, for LPM prefix lengths.
-pub const ADDR_KEY_HEADER_BITS: u32 = 32;
 
 /// An address the policy knows exactly: a device's address or one of the gateway's own.
 #[repr(C)]
@@ -263,13 +311,74 @@ pub const ENDPOINT_QUARANTINED: u8 = 4;
 /// segment is looked up, such as spoofs, are audited too).
 pub const ENDPOINT_AUDIT: u8 = 8;
 
-/// Value of the `ZONES` LPM trie: the identity of every address inside the prefix that is
-/// not an endpoint. Userspace gives each prefix the identity of the *set* of zones/CIDRs
-/// containing it, so one longest-prefix lookup answers "in which zones".
+/// Key of `ZONE_PREFIXES`: a zone prefix of `prefix_len` bits (an IPv4 /n as IPv4-mapped
+/// /(96 + n)), `addr` masked to them.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ZoneKey {
+    pub generation: u8,
+    pub prefix_len: u8,
+    pub _pad: [u8; 2],
+    pub addr: Addr,
+}
+
+/// Value of `ZONE_PREFIXES`: the identity of every address inside the prefix that is not an
+/// endpoint. Userspace gives each prefix the identity of the *set* of zones/CIDRs
+/// containing it, so the longest prefix containing an address answers "in which zones".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ZoneIdentity {
     pub identity: u32,
+}
+
+/// Value of `ZONE_LENGTHS` (indexed by generation): the prefix lengths that generation's
+/// `ZONE_PREFIXES` entries have, longest first, so that the longest prefix containing an
+/// address is the first hit of one exact lookup per length; the cost grows with the number
+/// of distinct lengths, not of prefixes. `v4` has the lengths of prefixes that contain an
+/// IPv4(-mapped) address, `v6` of those that contain another address (`::/0` is in both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ZoneLengths {
+    pub v4_count: u8,
+    pub v6_count: u8,
+    pub v4: [u8; MAX_ZONE_LENGTHS],
+    pub v6: [u8; MAX_ZONE_LENGTHS],
+    pub _pad: [u8; 2],
+}
+
+impl ZoneLengths {
+    /// The lengths of `prefixes`; `Err` with the number of lengths one family needs when
+    /// that is more than [`MAX_ZONE_LENGTHS`].
+    pub fn of(prefixes: impl IntoIterator<Item = ZoneKey>) -> Result<ZoneLengths, usize> {
+        let v4_space = v4_mapped([0; 4]);
+        // Bit n: some prefix of length n.
+        let (mut v4, mut v6) = ([false; 129], [false; 129]);
+        for prefix in prefixes {
+            let bits = prefix.prefix_len.min(128);
+            let shared = bits.min(V4_MAPPED_PREFIX_BITS as u8);
+            v4[bits as usize] |= mask_addr(&prefix.addr, shared) == mask_addr(&v4_space, shared);
+            v6[bits as usize] |= mask_addr(&prefix.addr, V4_MAPPED_PREFIX_BITS as u8) != v4_space
+                || u32::from(bits) < V4_MAPPED_PREFIX_BITS;
+        }
+        let mut lengths = ZoneLengths::default();
+        for (set, count, list) in [
+            (&v4, &mut lengths.v4_count, &mut lengths.v4),
+            (&v6, &mut lengths.v6_count, &mut lengths.v6),
+        ] {
+            let needed = set.iter().filter(|&&b| b).count();
+            if needed > MAX_ZONE_LENGTHS {
+                return Err(needed);
+            }
+            for (slot, bits) in list
+                .iter_mut()
+                .zip((0..=128u8).rev().filter(|&b| set[b as usize]))
+            {
+                *slot = bits;
+                *count += 1;
+            }
+        }
+        Ok(lengths)
+    }
 }
 
 /// Key of `SEGMENTS`.
@@ -348,9 +457,12 @@ const _: () = {
     assert!(core::mem::size_of::<UnknownKey>() == 24);
     assert!(core::mem::size_of::<UnknownSeen>() == 24);
     assert!(core::mem::size_of::<EventRate>() == 16);
+    assert!(core::mem::size_of::<OverLimit>() == 24);
     assert!(core::mem::size_of::<AddrKey>() == 20);
     assert!(core::mem::size_of::<Endpoint>() == 20);
+    assert!(core::mem::size_of::<ZoneKey>() == 20);
     assert!(core::mem::size_of::<ZoneIdentity>() == 4);
+    assert!(core::mem::size_of::<ZoneLengths>() == 36);
     assert!(core::mem::size_of::<SegmentKey>() == 4);
     assert!(core::mem::size_of::<SegmentPolicy>() == 12);
     assert!(core::mem::size_of::<PolicyKey>() == 12);
@@ -370,7 +482,9 @@ mod pod {
     unsafe impl aya::Pod for EventRate {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ZoneKey {}
     unsafe impl aya::Pod for ZoneIdentity {}
+    unsafe impl aya::Pod for ZoneLengths {}
     unsafe impl aya::Pod for SegmentKey {}
     unsafe impl aya::Pod for SegmentPolicy {}
     unsafe impl aya::Pod for PolicyKey {}
@@ -379,4 +493,56 @@ mod pod {
     unsafe impl aya::Pod for DatagramEntry {}
     unsafe impl aya::Pod for UnknownKey {}
     unsafe impl aya::Pod for UnknownSeen {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(prefix_len: u8, addr: Addr) -> ZoneKey {
+        ZoneKey {
+            prefix_len,
+            addr: mask_addr(&addr, prefix_len),
+            ..ZoneKey::default()
+        }
+    }
+
+    const V6: Addr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    #[test]
+    fn masks_and_maps_addresses() {
+        let a = v4_mapped([10, 1, 2, 3]);
+        assert_eq!(a[..12], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert!(is_v4_mapped(&a) && !is_v4_mapped(&V6));
+        assert_eq!(mask_addr(&a, 96 + 16), v4_mapped([10, 1, 0, 0]));
+        assert_eq!(mask_addr(&a, 128), a);
+        assert_eq!(mask_addr(&a, 0), [0; 16]);
+        assert_eq!(mask_addr(&V6, 70)[..9], V6[..9]);
+        assert_eq!(mask_addr(&[0xff; 16], 70)[8..], [0xfc, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn zone_lengths_per_family_longest_first() {
+        let lengths = ZoneLengths::of([
+            prefix(96 + 24, v4_mapped([10, 1, 2, 0])),
+            prefix(96 + 8, v4_mapped([10, 0, 0, 0])),
+            prefix(96 + 24, v4_mapped([10, 9, 9, 0])),
+            prefix(48, V6),
+            // ::/0 contains addresses of both families; ::ffff:0:0/96 only IPv4 ones.
+            prefix(0, [0; 16]),
+            prefix(96, v4_mapped([0; 4])),
+        ])
+        .expect("few lengths");
+        assert_eq!(
+            lengths.v4[..usize::from(lengths.v4_count)],
+            [120, 104, 96, 0]
+        );
+        assert_eq!(lengths.v6[..usize::from(lengths.v6_count)], [48, 0]);
+    }
+
+    #[test]
+    fn too_many_zone_lengths() {
+        let many = (0..=MAX_ZONE_LENGTHS as u8).map(|n| prefix(96 + n, v4_mapped([10, 0, 0, 0])));
+        assert_eq!(ZoneLengths::of(many), Err(MAX_ZONE_LENGTHS + 1));
+    }
 }

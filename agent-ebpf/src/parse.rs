@@ -210,7 +210,7 @@ fn parse_l4(packet: &Packet, offset: usize, flow: &mut Flow) -> Result<(), Reaso
             flow.sport = u16::from_be_bytes([id[2], id[3]]);
             flow.dport = flow.sport;
         } else if is_icmp_error(flow.protocol, head[0]) {
-            parse_related(packet, offset + 8, flow);
+            flow.related = parse_related(packet, offset + 8, flow.protocol);
         }
     } else {
         flow.sport = u16::from_be_bytes([head[0], head[1]]);
@@ -229,15 +229,15 @@ pub const fn is_icmp_error(protocol: u8, icmp_type: u8) -> bool {
     )
 }
 
-/// The packet an ICMP error quotes, at `offset` (its IP header and the first 8 octets of
-/// its payload), into `error.related`. Its source is not read: the error's destination
-/// is taken as the quoted packet's sender, so a forged source quotes nothing more than a
-/// flow of the error's own recipient. Left `None` when it cannot be read or is of the
-/// other family; the error is then judged as a flow of its own. Not inlined: its reads
-/// stay off the hooks' stack frames.
+/// The packet that an ICMP error of `error_protocol` quotes at `offset` (its IP header and
+/// the first 8 octets of its payload). Its source is not read: the error's destination is
+/// taken as the quoted packet's sender, so a forged source quotes nothing more than a flow
+/// of the error's own recipient. `None` when it cannot be read or is of the other family;
+/// the error is then judged as a flow of its own. Not inlined: its reads stay off the
+/// hooks' stack frames (and the flow it is for stays out of memory).
 #[inline(never)]
-fn parse_related(packet: &Packet, offset: usize, error: &mut Flow) -> Option<()> {
-    let (dst, protocol, l4) = if error.protocol == PROTO_ICMP {
+fn parse_related(packet: &Packet, offset: usize, error_protocol: u8) -> Option<Related> {
+    let (dst, protocol, l4) = if error_protocol == PROTO_ICMP {
         let ip: [u8; 20] = packet.read(offset).ok()?;
         let header_len = ipv4_header_len(&ip).ok()?;
         (
@@ -265,13 +265,12 @@ fn parse_related(packet: &Packet, offset: usize, error: &mut Flow) -> Option<()>
         }
         _ => return None,
     };
-    error.related = Some(Related {
+    Some(Related {
         dst,
         sport,
         dport,
         protocol,
-    });
-    Some(())
+    })
 }
 
 /// ICMP echo request/reply, ICMPv6 echo request/reply.

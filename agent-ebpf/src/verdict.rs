@@ -5,13 +5,16 @@
 //! [`Tables`] backed by BPF maps; the agent calls the same functions with tables built from a
 //! compiled policy. Nothing here may panic, loop
 //! unboundedly or use more than a few hundred bytes of stack: it runs in the verifier's world.
+//!
+//! Padding is written `[0, 0, 0]`, not `[0; 3]`: rustc emits a zero repeat as `memset`, which
+//! BPF has only as a call to a byte loop.
 
 use crate::{
     maps::{
         mask_port, Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey,
-        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS,
-        CONFIG_AUDIT, DIR_ACCEPT, DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE,
-        ENDPOINT_QUARANTINED, FLOW_QUARANTINED, FRAGMENT_TIMEOUT_NS, PROTO_ANY, SEGMENT_AUDIT,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, CONFIG_AUDIT, DIR_ACCEPT,
+        DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, ENDPOINT_QUARANTINED,
+        FLOW_QUARANTINED, FRAGMENT_TIMEOUT_NS, PROTO_ANY, SEGMENT_AUDIT,
     },
     parse::Parsed,
 };
@@ -32,8 +35,8 @@ pub const IDENTITY_QUARANTINED: u32 = u32::MAX;
 /// kernel must not hold references into maps across other calls.
 pub trait Tables {
     fn endpoint(&self, key: &AddrKey) -> Option<Endpoint>;
-    /// Longest-prefix match of `key`'s first `prefix_len` bits.
-    fn zone(&self, prefix_len: u32, key: &AddrKey) -> Option<ZoneIdentity>;
+    /// The longest zone prefix that contains `key`'s address.
+    fn zone(&self, key: &AddrKey) -> Option<ZoneIdentity>;
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy>;
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
     /// The tracked flow whose replies look like `key`.
@@ -50,7 +53,9 @@ pub trait Tables {
 }
 
 /// The L3/L4 facts of an IP packet that the decision uses. Ports are host order; for
-/// protocols without ports they are 0.
+/// protocols without ports they are 0. Aligned so that the addresses are copied into keys
+/// in words (`repr(C, align(8))` crashes bpf-linker's LLVM).
+#[repr(align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub src: Addr,
@@ -95,7 +100,7 @@ impl Fragment {
             dst: self.dst,
             id: self.datagram_id,
             protocol: self.protocol,
-            _pad: [0; 3],
+            _pad: [0, 0, 0],
         }
     }
 }
@@ -298,7 +303,7 @@ fn remember_datagram<T: Tables>(tables: &T, flow: &Flow, decision: &Decision, no
         dst: flow.dst,
         id: flow.datagram_id,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     tables.track_datagram(
         &datagram,
@@ -571,7 +576,7 @@ fn related_to_tracked<T: Tables>(
         sport: related.sport,
         dport: related.dport,
         protocol: related.protocol,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     if live(&key) {
         return true;
@@ -582,7 +587,7 @@ fn related_to_tracked<T: Tables>(
         sport: related.dport,
         dport: related.sport,
         protocol: related.protocol,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     live(&key)
 }
@@ -604,7 +609,7 @@ fn track_replies<T: Tables>(
         sport: flow.dport,
         dport: flow.sport,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     let flags = if is_quarantined(device) {
         FLOW_QUARANTINED
@@ -643,7 +648,7 @@ fn flow_key(flow: &Flow) -> FlowKey {
         sport: flow.sport,
         dport: flow.dport,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 
@@ -670,7 +675,7 @@ fn segment_key(generation: u8, segment: u16) -> SegmentKey {
 fn addr_key(config: &Config, addr: &Addr) -> AddrKey {
     AddrKey {
         generation: config.generation & 1,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
         addr: *addr,
     }
 }
@@ -723,7 +728,7 @@ pub fn address_identity<T: Tables>(tables: &T, config: &Config, addr: &Addr) -> 
     if let Some(e) = tables.endpoint(&key) {
         return e.identity;
     }
-    match tables.zone(ADDR_KEY_HEADER_BITS + 128, &key) {
+    match tables.zone(&key) {
         Some(z) => z.identity,
         None => IDENTITY_WORLD,
     }
@@ -742,6 +747,10 @@ fn lookup_policy<T: Tables>(
         let mut i: u8 = 0;
         while i <= 16 {
             let prefix = 16 - i;
+            // No shorter prefix left to try.
+            if prefixes & ((2 << prefix) - 1) == 0 {
+                break;
+            }
             if prefixes & (1 << prefix) != 0 {
                 key.port_prefix = prefix;
                 key.port = mask_port(port, prefix);

@@ -11,9 +11,10 @@ use agent_ebpf::{
     maps::{
         Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, FlowEntry, FlowKey,
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
-        ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
-        MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_POLICY, MAP_SEGMENTS,
-        MAP_UNKNOWN_SOURCES, MAP_ZONES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG,
+        MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
+        MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS, MAP_ZONE_PREFIXES,
+        PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -25,7 +26,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -732,13 +733,16 @@ impl Datapath {
                 None => drop(policy.remove(&k)),
             }
         }
-        let mut zones = self.zones()?;
-        for ((bits, k), v) in &changes.zones {
-            let k = Key::new(*bits, AddrKey { generation, ..*k });
+        let mut zones = self.hash::<ZoneKey, ZoneIdentity>(MAP_ZONE_PREFIXES)?;
+        for (k, v) in &changes.zones {
+            let k = ZoneKey { generation, ..*k };
             match v {
-                Some(v) => zones.insert(&k, v, 0).map_err(map_err(MAP_ZONES))?,
+                Some(v) => zones.insert(k, v, 0).map_err(map_err(MAP_ZONE_PREFIXES))?,
                 None => drop(zones.remove(&k)),
             }
+        }
+        if let Some(lengths) = &changes.zone_lengths {
+            self.set_zone_lengths(generation, lengths)?;
         }
         Ok(())
     }
@@ -750,16 +754,10 @@ impl Datapath {
             k.generation == generation
         })?;
         self.remove_where::<PolicyKey, PolicyValue>(MAP_POLICY, |k, _| k.generation == generation)?;
-        let mut zones = self.zones()?;
-        let stale: Vec<Key<AddrKey>> = zones
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in stale {
-            zones.remove(&k).map_err(map_err(MAP_ZONES))?;
-        }
-        Ok(())
+        self.remove_where::<ZoneKey, ZoneIdentity>(MAP_ZONE_PREFIXES, |k, _| {
+            k.generation == generation
+        })?;
+        self.set_zone_lengths(generation, &ZoneLengths::default())
     }
 
     fn hash<K: Pod, V: Pod>(
@@ -773,12 +771,19 @@ impl Datapath {
         HashMap::try_from(map).map_err(map_err(name))
     }
 
-    fn zones(&mut self) -> Result<LpmTrie<&mut MapData, AddrKey, ZoneIdentity>, DatapathError> {
+    fn set_zone_lengths(
+        &mut self,
+        generation: u8,
+        lengths: &ZoneLengths,
+    ) -> Result<(), DatapathError> {
         let map = self
             .ebpf
-            .map_mut(MAP_ZONES)
-            .ok_or(DatapathError::Missing(MAP_ZONES))?;
-        LpmTrie::try_from(map).map_err(map_err(MAP_ZONES))
+            .map_mut(MAP_ZONE_LENGTHS)
+            .ok_or(DatapathError::Missing(MAP_ZONE_LENGTHS))?;
+        let mut all: Array<&mut MapData, ZoneLengths> =
+            Array::try_from(map).map_err(map_err(MAP_ZONE_LENGTHS))?;
+        all.set(u32::from(generation), lengths, 0)
+            .map_err(map_err(MAP_ZONE_LENGTHS))
     }
 }
 

@@ -16,10 +16,10 @@ use std::{
 use agent_ebpf::{
     maps::{
         mask_port, Addr, AddrKey, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey,
-        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, ADDR_KEY_HEADER_BITS,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, ZoneKey, ZoneLengths,
         DIR_ACCEPT, DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE,
-        ENDPOINT_QUARANTINED, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_ZONE_PREFIXES,
-        PROTO_ANY, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
+        ENDPOINT_QUARANTINED, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_ZONE_LENGTHS,
+        MAX_ZONE_PREFIXES, PROTO_ANY, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
     },
     verdict::{Tables, IDENTITY_QUARANTINED, IDENTITY_WORLD},
 };
@@ -52,8 +52,9 @@ pub struct RuleRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
     pub endpoints: BTreeMap<AddrKey, Endpoint>,
-    /// LPM entries: (prefix length in key bits, key).
-    pub zones: BTreeMap<(u32, AddrKey), ZoneIdentity>,
+    pub zones: BTreeMap<ZoneKey, ZoneIdentity>,
+    /// The prefix lengths of `zones`.
+    pub zone_lengths: ZoneLengths,
     pub segments: BTreeMap<SegmentKey, SegmentPolicy>,
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
     pub rules: Vec<RuleRef>,
@@ -72,9 +73,11 @@ pub struct CompiledPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EntryChanges {
     pub endpoints: Vec<(AddrKey, Option<Endpoint>)>,
-    pub zones: Vec<((u32, AddrKey), Option<ZoneIdentity>)>,
+    pub zones: Vec<(ZoneKey, Option<ZoneIdentity>)>,
     pub segments: Vec<(SegmentKey, Option<SegmentPolicy>)>,
     pub policy: Vec<(PolicyKey, Option<PolicyValue>)>,
+    /// New zone prefix lengths, when they change.
+    pub zone_lengths: Option<ZoneLengths>,
 }
 
 impl EntryChanges {
@@ -85,12 +88,17 @@ impl EntryChanges {
             zones: changes(&old.zones, &new.zones),
             segments: changes(&old.segments, &new.segments),
             policy: changes(&old.policy, &new.policy),
+            zone_lengths: (old.zone_lengths != new.zone_lengths).then_some(new.zone_lengths),
         }
     }
 
     /// How many entries change.
     pub fn len(&self) -> usize {
-        self.endpoints.len() + self.zones.len() + self.segments.len() + self.policy.len()
+        self.endpoints.len()
+            + self.zones.len()
+            + self.segments.len()
+            + self.policy.len()
+            + usize::from(self.zone_lengths.is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -158,6 +166,9 @@ impl CompiledPolicy {
         apply(&mut self.zones, &changes.zones);
         apply(&mut self.segments, &changes.segments);
         apply(&mut self.policy, &changes.policy);
+        if let Some(lengths) = changes.zone_lengths {
+            self.zone_lengths = lengths;
+        }
     }
 
     /// The endpoint changes that compiling `policy` (the policy this was compiled from)
@@ -274,14 +285,19 @@ pub fn addr_octets(ip: IpAddr) -> Addr {
     }
 }
 
-/// A CIDR as (prefix length within a 128-bit address, network address).
-fn prefix_bits(net: &IpNet) -> (u32, Addr) {
-    match net {
+/// A CIDR as a `ZONE_PREFIXES` key (generation 0).
+fn zone_key(net: &IpNet) -> ZoneKey {
+    let (prefix_len, addr) = match net {
         IpNet::V4(n) => (
-            V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len()),
+            V4_MAPPED_PREFIX_BITS as u8 + n.prefix_len(),
             n.network().to_ipv6_mapped().octets(),
         ),
-        IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+        IpNet::V6(n) => (n.prefix_len(), n.network().octets()),
+    };
+    ZoneKey {
+        prefix_len,
+        addr,
+        ..ZoneKey::default()
     }
 }
 
@@ -497,15 +513,14 @@ pub fn compile_with(
     }
     for net in &classifier.targeted_cidrs {
         let classes = classifier.cidr_classes(|outer| outer.contains(net));
-        let (bits, addr) = prefix_bits(net);
         out.zones.insert(
-            (ADDR_KEY_HEADER_BITS + bits, key(addr)),
+            zone_key(net),
             ZoneIdentity {
                 identity: identities.intern(classifier.targeted_set(classes)),
             },
         );
     }
-    // IPv4 addresses sit at ::ffff:0:0/96 in the trie, where an IPv6 prefix of /80 or
+    // IPv4 addresses sit at ::ffff:0:0/96 among the prefixes, where an IPv6 prefix of /80 or
     // shorter (`::/0`) would match them too. An IPv6 CIDR contains no IPv4 address (as for
     // the device addresses above), so that range gets an entry of its own, for the world:
     // an IPv4 CIDR covering it all (0.0.0.0/0) already has this very key.
@@ -515,9 +530,8 @@ pub fn compile_with(
         .iter()
         .any(|n| matches!(n, IpNet::V6(v6) if v6.contains(&v4_space)))
     {
-        let (bits, addr) = prefix_bits(&IpNet::V6(v4_space));
         out.zones
-            .entry((ADDR_KEY_HEADER_BITS + bits, key(addr)))
+            .entry(zone_key(&IpNet::V6(v4_space)))
             .or_insert(ZoneIdentity {
                 identity: IDENTITY_WORLD,
             });
@@ -592,6 +606,12 @@ pub fn compile_with(
         );
     }
 
+    out.zone_lengths =
+        ZoneLengths::of(out.zones.keys().copied()).map_err(|needed| CompileError::Capacity {
+            what: "zone prefix length",
+            needed,
+            capacity: MAX_ZONE_LENGTHS as u32,
+        })?;
     for (what, needed, capacity) in [
         ("endpoint", out.endpoints.len(), MAX_ENDPOINTS),
         ("zone prefix", out.zones.len(), MAX_ZONE_PREFIXES),
@@ -826,22 +846,21 @@ impl Tables for CompiledPolicy {
         self.endpoints.get(key).copied()
     }
 
-    fn zone(&self, prefix_len: u32, key: &AddrKey) -> Option<ZoneIdentity> {
+    fn zone(&self, key: &AddrKey) -> Option<ZoneIdentity> {
         let addr = u128::from_be_bytes(key.addr);
-        let max_bits = prefix_len.saturating_sub(ADDR_KEY_HEADER_BITS).min(128);
-        (0..=max_bits).rev().find_map(|bits| {
+        (0..=128u8).rev().find_map(|bits| {
             let mask = if bits == 0 {
                 0
             } else {
                 u128::MAX << (128 - bits)
             };
-            let probe = AddrKey {
+            let probe = ZoneKey {
+                generation: key.generation,
+                prefix_len: bits,
+                _pad: [0; 2],
                 addr: (addr & mask).to_be_bytes(),
-                ..*key
             };
-            self.zones
-                .get(&(ADDR_KEY_HEADER_BITS + bits, probe))
-                .copied()
+            self.zones.get(&probe).copied()
         })
     }
 

@@ -602,8 +602,8 @@ impl Tables for HostTables<'_> {
         self.policy.endpoint(key)
     }
 
-    fn zone(&self, prefix_len: u32, key: &AddrKey) -> Option<ZoneIdentity> {
-        self.policy.zone(prefix_len, key)
+    fn zone(&self, key: &AddrKey) -> Option<ZoneIdentity> {
+        self.policy.zone(key)
     }
 
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy> {
