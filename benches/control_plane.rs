@@ -418,7 +418,7 @@ impl Maps {
     }
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of the kernel's `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC in ns: the epoch of the kernel's (coarse) clock, which flow entries use.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -1000,7 +1000,8 @@ fn addr_ip(addr: &Addr) -> IpAddr {
     IpAddr::V6(std::net::Ipv6Addr::from(*addr)).to_canonical()
 }
 
-/// Turns kernel times (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) into wall-clock times.
+/// Turns kernel times (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC at a tick's resolution)
+/// into wall-clock times.
 struct MonotonicClock {
     wall: SystemTime,
     monotonic_ns: u64,
