@@ -189,15 +189,7 @@ impl CompiledPolicy {
             .flatten()
             .map(|ip| ip.to_canonical())
             .collect();
-        let static_owners: HashMap<IpAddr, &str> = policy
-            .segments
-            .iter()
-            .flat_map(|s| &s.devices)
-            .flat_map(|d| {
-                d.addresses
-                    .iter()
-                    .map(move |ip| (ip.to_canonical(), d.id.as_str()))
-            })
+        let static_owners: HashMap<IpAddr, &str> = static_addresses(policy)
             .filter(|(ip, _)| learned.contains(ip))
             .collect();
         let identities = &self.classification.identities;
@@ -451,16 +443,7 @@ pub fn compile_with(
         })
         .collect();
 
-    let statically_bound: HashMap<IpAddr, &str> = policy
-        .segments
-        .iter()
-        .flat_map(|s| &s.devices)
-        .flat_map(|d| {
-            d.addresses
-                .iter()
-                .map(|ip| (ip.to_canonical(), d.id.as_str()))
-        })
-        .collect();
+    let statically_bound: HashMap<IpAddr, &str> = static_addresses(policy).collect();
     let classifier = Classifier {
         targeted,
         targeted_cidrs,
@@ -663,6 +646,19 @@ fn name_first_rules(policy: &mut BTreeMap<PolicyKey, PolicyValue>) {
     for (key, rule) in earliest {
         policy.insert(key, PolicyValue { rule });
     }
+}
+
+/// Every static address of `policy`, with its device.
+fn static_addresses(policy: &Policy) -> impl Iterator<Item = (IpAddr, &str)> {
+    policy
+        .segments
+        .iter()
+        .flat_map(|s| &s.devices)
+        .flat_map(|d| {
+            d.addresses
+                .iter()
+                .map(move |ip| (ip.to_canonical(), d.id.as_str()))
+        })
 }
 
 /// One rule, resolved: segment `segment` may exchange `ports` with `peer` in `direction`.
