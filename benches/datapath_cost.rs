@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -13,6 +13,7 @@ use segward::{
 };
 
 use crate::{
+    forwarding::xdp,
     frames::{self, Frame, DEVICE_IFINDEX, UPLINK_IFINDEX},
     report::{median, number, Section, Table, Target},
     scale::{self, Scale},
@@ -136,8 +137,8 @@ pub fn run(options: &Options) -> Result<Section> {
         (1_000_000, 5)
     };
     let scales = [Scale::SMALL, Scale::MEDIUM, Scale::LARGE];
-    let floor_xdp = Floor::load(Floor::XDP, 2)?;
-    let floor_tc = Floor::load(Floor::SCHED_CLS, 0)?;
+    let floor_xdp = Floor::load(xdp::BPF_PROG_TYPE_XDP, 2)?;
+    let floor_tc = Floor::load(xdp::BPF_PROG_TYPE_SCHED_CLS, 0)?;
     let probe = from_device(&Scale::SMALL, 0, allowed_host(&Scale::SMALL), 1000);
     let floors = [
         (
@@ -295,55 +296,12 @@ fn class_cost(
     Ok(median(&mut samples))
 }
 
-/// A program that returns a constant, loaded through the bpf syscall.
+/// A program that returns a constant: the floor.
 struct Floor(OwnedFd);
 
 impl Floor {
-    const SCHED_CLS: u32 = 3;
-    const XDP: u32 = 6;
-
     fn load(prog_type: u32, verdict: i32) -> Result<Floor> {
-        // r0 = verdict; exit
-        let insns: [u64; 2] = [0xb7 | (u64::from(verdict as u32) << 32), 0x95];
-        let license = c"GPL";
-        #[repr(C)]
-        #[derive(Default)]
-        struct ProgLoadAttr {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-        }
-        let attr = ProgLoadAttr {
-            prog_type,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            ..ProgLoadAttr::default()
-        };
-        const BPF_PROG_LOAD: libc::c_long = 5;
-        // SAFETY: attr and what it points at live for the whole call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_LOAD,
-                &attr as *const ProgLoadAttr,
-                std::mem::size_of::<ProgLoadAttr>(),
-            )
-        };
-        if fd < 0 {
-            bail!(
-                "loading the floor program: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: the kernel just gave us this descriptor.
-        Ok(Floor(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        Ok(Floor(xdp::load_typed(prog_type, &xdp::constant(verdict))?))
     }
 
     fn cost(&self, frame: &[u8], repeat: u32, runs: u32) -> Result<f64> {

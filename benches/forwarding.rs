@@ -4,7 +4,7 @@
 
 mod filters;
 mod traffic;
-mod xdp;
+pub mod xdp;
 
 use std::panic::AssertUnwindSafe;
 

@@ -13,7 +13,8 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u64 = 1 << 1;
-const BPF_PROG_TYPE_XDP: u32 = 6;
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const BPF_FUNC_REDIRECT: i32 = 23;
 const XDP_DROP: i32 = 1;
@@ -101,13 +102,23 @@ fn words(values: &[u64]) -> Vec<u8> {
 
 /// Loads an XDP program.
 pub fn load(insns: &[u64]) -> Result<OwnedFd> {
+    load_typed(BPF_PROG_TYPE_XDP, insns)
+}
+
+/// Loads a program of type `prog_type` (`BPF_PROG_TYPE_*`).
+pub fn load_typed(prog_type: u32, insns: &[u64]) -> Result<OwnedFd> {
     let license = c"GPL";
     let attr = words(&[
-        u64::from(BPF_PROG_TYPE_XDP) | (insns.len() as u64) << 32,
+        u64::from(prog_type) | (insns.len() as u64) << 32,
         insns.as_ptr() as u64,
         license.as_ptr() as u64,
     ]);
-    bpf(BPF_PROG_LOAD, &attr).context("loading an XDP program")
+    bpf(BPF_PROG_LOAD, &attr).with_context(|| format!("loading a program of type {prog_type}"))
+}
+
+/// A program that only returns `verdict`: two instructions.
+pub fn constant(verdict: i32) -> Vec<u64> {
+    vec![mov_r0(verdict), EXIT]
 }
 
 /// The index of `iface` in the calling thread's network namespace.
