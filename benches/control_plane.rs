@@ -410,7 +410,7 @@ impl Maps {
             let entry = FlowEntry {
                 last_seen_ns: now,
                 device: i + 1,
-                flags: 0,
+                ..FlowEntry::default()
             };
             conntrack.insert(key, entry, 0)?;
         }

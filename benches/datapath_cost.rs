@@ -20,9 +20,9 @@ use crate::{
     Options,
 };
 
-/// A frame, and what must run first (the packet that opens the flow a reply belongs to,
-/// at its hook).
-type Frames = (Vec<u8>, Option<(Vec<u8>, Hook)>);
+/// A frame, and what must run first, each at its hook (say, the packet that opens the flow
+/// a reply belongs to).
+type Frames = (Vec<u8>, Vec<(Vec<u8>, Hook)>);
 
 /// A packet class: a name, the hook it is judged at, and whether it should pass.
 struct Class {
@@ -46,10 +46,10 @@ fn device_of(scale: &Scale, s: u32, k: u32) -> (IpAddr, [u8; 6]) {
     (IpAddr::V4(scale::device(i).1), scale::device_mac(i))
 }
 
-/// A TCP packet from run `k`'s device of segment 0 to `dst`.
-fn from_device(scale: &Scale, k: u32, dst: IpAddr, dport: u16) -> Frame {
+/// A TCP packet from run `k`'s device of segment 0, port `sport`, to `dst`.
+fn from_device(scale: &Scale, k: u32, sport: u16, dst: IpAddr, dport: u16) -> Frame {
     let (addr, mac) = device_of(scale, 0, k);
-    frames::tcp(addr, dst, 40_000, dport).mac(mac)
+    frames::tcp(addr, dst, sport, dport).mac(mac)
 }
 
 /// A host in the first zone that segment 0's first rule allows (port 1000/tcp).
@@ -63,7 +63,7 @@ fn allowed_host(scale: &Scale) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(u32::from(scale::zone_cidr(2 * z)) + 10))
 }
 
-const CLASSES: [Class; 6] = [
+const CLASSES: [Class; 7] = [
     Class {
         name: "reply (device answers a tracked flow)",
         hook: XDP,
@@ -72,7 +72,7 @@ const CLASSES: [Class; 6] = [
         frame: |scale, k| {
             let ((a, a_mac), (b, b_mac)) = (device_of(scale, 0, k), device_of(scale, 1, k));
             let open = frames::udp(a, b, 40_000, 1001).mac(a_mac);
-            (open.reply().mac(b_mac).bytes(), Some((open.bytes(), XDP)))
+            (open.reply().mac(b_mac).bytes(), vec![(open.bytes(), XDP)])
         },
     },
     Class {
@@ -80,18 +80,34 @@ const CLASSES: [Class; 6] = [
         hook: TC_FROM_UPLINK,
         passes: true,
         frame: |scale, k| {
-            let open = from_device(scale, k, allowed_host(scale), 1000);
-            (open.reply().bytes(), Some((open.bytes(), XDP)))
+            let open = from_device(scale, k, 40_000, allowed_host(scale), 1000);
+            (open.reply().bytes(), vec![(open.bytes(), XDP)])
+        },
+    },
+    Class {
+        name: "answered flow, the device's next packet",
+        hook: XDP,
+        passes: true,
+        // Opened, answered, and judged once more, which caches the verdict.
+        frame: |scale, k| {
+            let open = from_device(scale, k, 40_001, allowed_host(scale), 1000);
+            let setup = vec![
+                (open.bytes(), XDP),
+                (open.reply().bytes(), TC_FROM_UPLINK),
+                (open.bytes(), XDP),
+            ];
+            (open.bytes(), setup)
         },
     },
     Class {
         name: "new flow, allowed",
         hook: XDP,
         passes: true,
+        // A flow no reply answers: every repeat is judged in full.
         frame: |scale, k| {
             (
-                from_device(scale, k, allowed_host(scale), 1000).bytes(),
-                None,
+                from_device(scale, k, 40_002, allowed_host(scale), 1000).bytes(),
+                Vec::new(),
             )
         },
     },
@@ -101,8 +117,8 @@ const CLASSES: [Class; 6] = [
         passes: false,
         frame: |scale, k| {
             (
-                from_device(scale, k, allowed_host(scale), 9999).bytes(),
-                None,
+                from_device(scale, k, 40_000, allowed_host(scale), 9999).bytes(),
+                Vec::new(),
             )
         },
     },
@@ -114,7 +130,7 @@ const CLASSES: [Class; 6] = [
             let stranger = IpAddr::V4(Ipv4Addr::new(10, 200, 0, k as u8));
             (
                 frames::tcp(stranger, allowed_host(scale), 40_000, 1000).bytes(),
-                None,
+                Vec::new(),
             )
         },
     },
@@ -123,9 +139,9 @@ const CLASSES: [Class; 6] = [
         hook: XDP,
         passes: false,
         frame: |scale, k| {
-            let mut f = from_device(scale, k, allowed_host(scale), 1000).bytes();
+            let mut f = from_device(scale, k, 40_000, allowed_host(scale), 1000).bytes();
             f.truncate(frames::ETH_HLEN + 20 + 10);
-            (f, None)
+            (f, Vec::new())
         },
     },
 ];
@@ -139,7 +155,7 @@ pub fn run(options: &Options) -> Result<Section> {
     let scales = [Scale::SMALL, Scale::MEDIUM, Scale::LARGE];
     let floor_xdp = Floor::load(xdp::BPF_PROG_TYPE_XDP, 2)?;
     let floor_tc = Floor::load(xdp::BPF_PROG_TYPE_SCHED_CLS, 0)?;
-    let probe = from_device(&Scale::SMALL, 0, allowed_host(&Scale::SMALL), 1000);
+    let probe = from_device(&Scale::SMALL, 0, 40_000, allowed_host(&Scale::SMALL), 1000);
     let floors = [
         (
             "XDP_PASS (2 instructions)",
@@ -258,18 +274,15 @@ fn class_cost(
 ) -> Result<f64> {
     let mut samples = Vec::new();
     for k in 0..runs {
-        let (frame, opener) = (class.frame)(scale, k);
-        if let Some((open, hook)) = opener {
+        let (frame, setup) = (class.frame)(scale, k);
+        for (i, (open, hook)) in setup.iter().enumerate() {
             let opened = datapath.test_run(TestRun {
-                hook,
-                frame: &open,
+                hook: *hook,
+                frame: open,
                 repeat: 1,
             })?;
-            if !opened.passes(hook) {
-                bail!(
-                    "{}: the flow the reply belongs to was not allowed",
-                    class.name
-                );
+            if !opened.passes(*hook) {
+                bail!("{}: setup packet {} did not pass", class.name, i + 1);
             }
         }
         let result = datapath.test_run(TestRun {

@@ -135,10 +135,14 @@ impl Tables for MapTables {
     }
 
     #[inline(always)]
-    fn refresh(&self, key: &FlowKey, now_ns: u64) {
-        if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-            // SAFETY: plain data; a racing writer can at worst store a similar time.
-            unsafe { (*entry).last_seen_ns = now_ns };
+    fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool {
+        match CONNTRACK.get_ptr_mut(key) {
+            // SAFETY: plain data; a racing writer can at worst store a similar change.
+            Some(entry) => {
+                change(unsafe { &mut *entry });
+                true
+            }
+            None => false,
         }
     }
 

@@ -133,6 +133,9 @@ pub struct Config {
     pub timeout_tcp: u32,
     pub timeout_udp: u32,
     pub timeout_other: u32,
+    /// Counts installs (never 0): a tracked flow checked in this epoch passes on its flow
+    /// entry alone, one checked in an earlier one is checked again (see [`FlowEntry`]).
+    pub epoch: u32,
 }
 
 impl Default for Config {
@@ -144,6 +147,7 @@ impl Default for Config {
             timeout_tcp: Self::DEFAULT_TIMEOUT_TCP,
             timeout_udp: Self::DEFAULT_TIMEOUT_UDP,
             timeout_other: Self::DEFAULT_TIMEOUT_OTHER,
+            epoch: 1,
         }
     }
 }
@@ -168,21 +172,62 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// A tracked flow.
+/// A tracked flow, under the tuple of the packets it lets pass.
+///
+/// A *reply* entry (keyed by the reply direction of an allowed flow) lets the flow's replies
+/// pass whatever the policy says now. An *opener* entry ([`FLOW_OPENER`], keyed by the
+/// direction that opened the flow) caches "the policy allows this flow" for an answered flow,
+/// so that its further packets skip the policy lookups.
+///
+/// Either kind passes a packet on the entry alone (one lookup) only if it was checked in the
+/// current [`Config::epoch`]: its device, the device's MAC and quarantine, and for an opener
+/// the verdict, as the full judgement found them. Every install starts a new epoch, so a
+/// reload, lease move or quarantine sends each flow through the full judgement once more.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowEntry {
-    /// `bpf_ktime_get_ns` of the last packet that refreshed it.
+    /// `bpf_ktime_get_coarse_ns` of the last packet that refreshed it.
     pub last_seen_ns: u64,
     /// The device that opened the flow, or the device it was opened to (for quarantine cuts).
     pub device: u32,
+    /// The epoch it was last checked in; 0: not yet.
+    pub epoch: u32,
+    /// The MAC that a device sending under this tuple had when checked
+    /// ([`FLOW_SENDER_MAC`]).
+    pub mac: [u8; 6],
     /// `FLOW_*` flags.
-    pub flags: u32,
+    pub flags: u16,
+}
+
+impl FlowEntry {
+    /// Marks the entry checked in `epoch` for packets from `sender` (a device, at XDP), or
+    /// for packets towards a device (`None`, at tc).
+    #[inline(always)]
+    pub fn mark_checked(&mut self, epoch: u32, sender: Option<&Endpoint>) {
+        self.flags &= !(FLOW_FROM_DEVICE | FLOW_SENDER_MAC);
+        if let Some(sender) = sender {
+            self.flags |= FLOW_FROM_DEVICE;
+            if sender.flags & ENDPOINT_CHECK_MAC != 0 {
+                self.flags |= FLOW_SENDER_MAC;
+                self.mac = sender.mac;
+            }
+        }
+        self.epoch = epoch;
+    }
 }
 
 /// The flow was opened by a quarantined device under the Quarantine rules: the only kind
 /// of tracked flow a quarantined device keeps.
-pub const FLOW_QUARANTINED: u32 = 1;
+pub const FLOW_QUARANTINED: u16 = 1;
+/// An opener entry: the cached verdict of an answered flow (see [`FlowEntry`]).
+pub const FLOW_OPENER: u16 = 2;
+/// A reply passed: the flow is answered, and its opener's verdict may be cached.
+pub const FLOW_ANSWERED: u16 = 4;
+/// Checked for packets from a device (XDP); else for packets towards one (tc). A tuple's
+/// sender is either a device or not, so an entry is checked for one hook only.
+pub const FLOW_FROM_DEVICE: u16 = 8;
+/// Checked for packets from a device that pins its MAC: they must come from `mac`.
+pub const FLOW_SENDER_MAC: u16 = 16;
 
 /// A fragmented datagram, as every fragment of it carries it (IPv4 ids are widened).
 #[repr(C, align(8))]
@@ -448,9 +493,9 @@ pub const fn mask_port(port: u16, prefix: u8) -> u16 {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<Config>() == 20);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowEntry>() == 16);
+    assert!(core::mem::size_of::<FlowEntry>() == 24);
     assert!(core::mem::size_of::<Event>() == 64);
     assert!(core::mem::size_of::<DatagramKey>() == 40);
     assert!(core::mem::size_of::<DatagramEntry>() == 16);

@@ -14,7 +14,8 @@ use crate::{
         mask_port, Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey,
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, CONFIG_AUDIT, DIR_ACCEPT,
         DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, ENDPOINT_QUARANTINED,
-        FLOW_QUARANTINED, FRAGMENT_TIMEOUT_NS, PROTO_ANY, SEGMENT_AUDIT,
+        FLOW_ANSWERED, FLOW_FROM_DEVICE, FLOW_OPENER, FLOW_QUARANTINED, FLOW_SENDER_MAC,
+        FRAGMENT_TIMEOUT_NS, PROTO_ANY, SEGMENT_AUDIT,
     },
     parse::Parsed,
 };
@@ -39,13 +40,13 @@ pub trait Tables {
     fn zone(&self, key: &AddrKey) -> Option<ZoneIdentity>;
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy>;
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
-    /// The tracked flow whose replies look like `key`.
+    /// The flow entry of packets that look like `key`.
     fn tracked(&self, key: &FlowKey) -> Option<FlowEntry>;
-    /// Tracks a flow whose replies will look like `key`.
+    /// Adds or replaces the flow entry of packets that look like `key`.
     fn track(&self, key: &FlowKey, entry: &FlowEntry);
-    /// Marks the tracked flow `key` as seen at `now_ns`, in place: an entry removed in the
-    /// meantime (a quarantine cut) must stay removed.
-    fn refresh(&self, key: &FlowKey, now_ns: u64);
+    /// Changes the flow entry `key` in place, if it is there (true): an entry removed in
+    /// the meantime (a quarantine cut) must stay removed.
+    fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool;
     /// The fragmented datagram `key`, if its first fragment passed.
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry>;
     /// Lets the other fragments of datagram `key` pass.
@@ -330,6 +331,17 @@ fn decide_from_device<T: Tables>(
         Parsed::Ip(flow) => (&flow.src, &flow.src_mac),
         Parsed::Fragment(fragment) => (&fragment.src, &fragment.src_mac),
     };
+    let mut decision = Decision::new(Reason::Reply);
+    let tracked = match packet {
+        Parsed::Ip(flow) if flow.related.is_none() && !is_essential(flow) => {
+            match own_entry(tables, config, flow, Some(src_mac), now_ns, &mut decision) {
+                OwnEntry::Passes => return decision,
+                OwnEntry::Stale => true,
+                OwnEntry::Absent => false,
+            }
+        }
+        _ => false,
+    };
     let source = match tables.endpoint(&addr_key(config, src)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
         _ if matches!(packet, Parsed::Ip(flow) if is_essential(flow)) => {
@@ -354,7 +366,15 @@ fn decide_from_device<T: Tables>(
     if is_essential(flow) {
         return passed(Reason::Essential);
     }
-    if continues_tracked(tables, config, flow, &source, now_ns) {
+    if continues_tracked(
+        tables,
+        config,
+        flow,
+        tracked,
+        &source,
+        Some(&source),
+        now_ns,
+    ) {
         return passed(Reason::Reply);
     }
     let generation = config.generation & 1;
@@ -377,7 +397,15 @@ fn decide_from_device<T: Tables>(
     };
     let mut decision = judge_new_flow(tables, config, key, flow.dport, &segment, deny_reason);
     if decision.passes() {
-        decision.new_flow = track_replies(tables, config, flow, &source, now_ns);
+        decision.new_flow = track(
+            tables,
+            config,
+            flow,
+            &decision,
+            &source,
+            Some(&source),
+            now_ns,
+        );
     }
     decision.device = source.device;
     decision
@@ -396,6 +424,19 @@ fn decide_to_device<T: Tables>(
         Parsed::Arp { .. } => return Decision::new(Reason::Essential),
         Parsed::Ip(flow) => &flow.dst,
         Parsed::Fragment(fragment) => &fragment.dst,
+    };
+    let mut decision = Decision::new(Reason::Reply);
+    let tracked = match packet {
+        Parsed::Ip(flow)
+            if !from_device_iface && flow.related.is_none() && !is_essential_reply(flow) =>
+        {
+            match own_entry(tables, config, flow, None, now_ns, &mut decision) {
+                OwnEntry::Passes => return decision,
+                OwnEntry::Stale => true,
+                OwnEntry::Absent => false,
+            }
+        }
+        _ => false,
     };
     let destination = match tables.endpoint(&addr_key(config, dst)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
@@ -421,7 +462,7 @@ fn decide_to_device<T: Tables>(
     if is_essential_reply(flow) {
         return passed(Reason::Essential);
     }
-    if continues_tracked(tables, config, flow, &destination, now_ns) {
+    if continues_tracked(tables, config, flow, tracked, &destination, None, now_ns) {
         return passed(Reason::Reply);
     }
     if is_quarantined(&destination) {
@@ -449,7 +490,7 @@ fn decide_to_device<T: Tables>(
         Reason::DefaultDeny,
     );
     if decision.passes() {
-        decision.new_flow = track_replies(tables, config, flow, &destination, now_ns);
+        decision.new_flow = track(tables, config, flow, &decision, &destination, None, now_ns);
     }
     decision.device = destination.device;
     decision
@@ -516,37 +557,110 @@ fn is_quarantined(device: &Endpoint) -> bool {
     device.flags & ENDPOINT_QUARANTINED != 0
 }
 
-/// Does `flow`, from or to `device`, continue a tracked flow: a reply of it, or an ICMP
-/// error about one of its packets? A quarantined device keeps only the flows it opened
-/// under the Quarantine rules.
+/// What the flow entry under a packet's own tuple says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OwnEntry {
+    Absent,
+    /// There is one, not checked in this epoch for this hook (or expired): the packet is
+    /// judged in full.
+    Stale,
+    /// It was checked in this epoch: its reply (a reply entry) or its opener's verdict (an
+    /// opener entry) holds, its device is there and unchanged. The packet passes on it.
+    Passes,
+}
+
+/// Looks up the flow entry of `flow`, a packet from a device (XDP) with source MAC
+/// `sender_mac`, or towards one (tc, `None`), and writes into `passed` the decision if it
+/// [`OwnEntry::Passes`]. Not inlined, and the entry stays in here: carrying its many
+/// possible values into the full judgement multiplies the verifier's states past its limit.
+#[inline(never)]
+fn own_entry<T: Tables>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    sender_mac: Option<&[u8; 6]>,
+    now_ns: u64,
+    passed: &mut Decision,
+) -> OwnEntry {
+    let key = flow_key(flow);
+    let Some(entry) = tables.tracked(&key) else {
+        return OwnEntry::Absent;
+    };
+    if entry.epoch != config.epoch || entry.epoch == 0 {
+        return OwnEntry::Stale;
+    }
+    let checked_here = match sender_mac {
+        Some(mac) => {
+            entry.flags & FLOW_FROM_DEVICE != 0
+                && (entry.flags & FLOW_SENDER_MAC == 0 || mac_eq(&entry.mac, mac))
+        }
+        None => entry.flags & FLOW_FROM_DEVICE == 0,
+    };
+    let idle = now_ns.saturating_sub(entry.last_seen_ns);
+    if !checked_here || idle >= timeout_ns(config, flow.protocol) {
+        return OwnEntry::Stale;
+    }
+    let opener = entry.flags & FLOW_OPENER != 0;
+    // Timeouts count in seconds: refreshing more often than once a second is waste.
+    if idle > REFRESH_NS {
+        let _ = tables.update(&key, |e| e.last_seen_ns = now_ns);
+        // An opener's packets keep its replies' entry alive too; without it (evicted), the
+        // full judgement tracks the replies again.
+        if opener && !tables.update(&reply_key(flow), |e| e.last_seen_ns = now_ns) {
+            return OwnEntry::Stale;
+        }
+    }
+    passed.device = entry.device;
+    if opener {
+        passed.reason = Reason::Allowed;
+    }
+    OwnEntry::Passes
+}
+
+/// Does `flow`, from or to `device`, continue a tracked flow: a reply of it (`tracked`: an
+/// entry under the packet's own tuple was found), or an ICMP error about one of its packets? A
+/// quarantined device keeps only the flows it opened under the Quarantine rules. A reply
+/// entry found to hold is marked checked in this epoch, for `sender` (the device the packet
+/// comes from; `None`: it goes to `device`).
 #[inline(always)]
 fn continues_tracked<T: Tables>(
     tables: &T,
     config: &Config,
     flow: &Flow,
+    tracked: bool,
     device: &Endpoint,
+    sender: Option<&Endpoint>,
     now_ns: u64,
 ) -> bool {
-    let required = if is_quarantined(device) {
-        FLOW_QUARANTINED
-    } else {
-        0
-    };
+    let required = quarantine_flag(device);
     if let Some(related) = &flow.related {
         return related_to_tracked(tables, config, flow, related, required, now_ns);
     }
-    let key = flow_key(flow);
-    let Some(entry) = tables.tracked(&key) else {
+    // Looked up again rather than carried from the first lookup: the entry's many
+    // possible values multiply the verifier's states past its limit; this runs once per
+    // flow and epoch.
+    let Some(entry) = tracked.then(|| tables.tracked(&flow_key(flow))).flatten() else {
         return false;
     };
     let idle = now_ns.saturating_sub(entry.last_seen_ns);
-    if idle >= timeout_ns(config, flow.protocol) || entry.flags & required != required {
+    if entry.flags & FLOW_OPENER != 0
+        || idle >= timeout_ns(config, flow.protocol)
+        || entry.flags & required != required
+    {
         return false;
     }
-    // Timeouts count in seconds: refreshing more often than once a second is waste.
-    if idle > REFRESH_NS {
-        tables.refresh(&key, now_ns);
+    // Towards a device, the entry is that device's: after a lease move, the address's new
+    // owner gets none of the old owner's replies.
+    if sender.is_none() && entry.device != device.device {
+        return false;
     }
+    let _ = tables.update(&flow_key(flow), |e| {
+        e.mark_checked(config.epoch, sender);
+        e.flags |= FLOW_ANSWERED;
+        if idle > REFRESH_NS {
+            e.last_seen_ns = now_ns;
+        }
+    });
     true
 }
 
@@ -560,7 +674,7 @@ fn related_to_tracked<T: Tables>(
     config: &Config,
     flow: &Flow,
     related: &Related,
-    required: u32,
+    required: u16,
     now_ns: u64,
 ) -> bool {
     let live = |key: &FlowKey| match tables.tracked(key) {
@@ -592,9 +706,62 @@ fn related_to_tracked<T: Tables>(
     live(&key)
 }
 
-/// Remembers an allowed flow of `device` so that its replies pass; true if the flow is
-/// new. Not inlined: it runs once per new flow, and keeps its keys off the hooks' stack
-/// frames.
+/// Tracks the flow `flow` that `decision` passed, of `device`: its replies pass from now
+/// on, and once it is answered, an opener entry caches its verdict. `sender`: the device
+/// `flow` comes from; `None`: it goes towards `device`. True if the flow is new.
+#[inline(always)]
+fn track<T: Tables>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    decision: &Decision,
+    device: &Endpoint,
+    sender: Option<&Endpoint>,
+    now_ns: u64,
+) -> bool {
+    let tracked = track_replies(tables, config, flow, device, now_ns);
+    // Only a verdict of the policy itself is cached: an audited would-be drop must be
+    // judged (and reported) packet by packet.
+    if tracked == Tracked::Answered && decision.reason == Reason::Allowed && !decision.audited {
+        cache_verdict(tables, config, flow, device, sender, now_ns);
+    }
+    tracked == Tracked::New
+}
+
+/// Writes the opener entry of the answered flow `flow` of `device`, checked in this epoch.
+/// Not inlined: its stores would multiply the verifier's states at every hook's end.
+#[inline(never)]
+fn cache_verdict<T: Tables>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    device: &Endpoint,
+    sender: Option<&Endpoint>,
+    now_ns: u64,
+) {
+    let mut opener = FlowEntry {
+        last_seen_ns: now_ns,
+        device: device.device,
+        flags: FLOW_OPENER | quarantine_flag(device),
+        ..FlowEntry::default()
+    };
+    opener.mark_checked(config.epoch, sender);
+    tables.track(&flow_key(flow), &opener);
+}
+
+/// What [`track_replies`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    /// No live entry: the flow is new.
+    New,
+    /// A live entry, no reply yet.
+    Open,
+    /// A live entry, and a reply passed.
+    Answered,
+}
+
+/// Remembers an allowed flow of `device` so that its replies pass. Not inlined: it runs
+/// once per new flow, and keeps its keys off the hooks' stack frames.
 #[inline(never)]
 fn track_replies<T: Tables>(
     tables: &T,
@@ -602,43 +769,64 @@ fn track_replies<T: Tables>(
     flow: &Flow,
     device: &Endpoint,
     now_ns: u64,
-) -> bool {
-    let reply = FlowKey {
+) -> Tracked {
+    let reply = reply_key(flow);
+    let quarantined = quarantine_flag(device);
+    let live = tables.tracked(&reply).filter(|e| {
+        // A new reply entry replaces another device's, or an opener under the same tuple (a
+        // simultaneous open): replies pass whatever the policy says now.
+        e.device == device.device
+            && e.flags & (FLOW_OPENER | FLOW_QUARANTINED) == quarantined
+            && now_ns.saturating_sub(e.last_seen_ns) < timeout_ns(config, flow.protocol)
+    });
+    let Some(entry) = live else {
+        tables.track(
+            &reply,
+            &FlowEntry {
+                last_seen_ns: now_ns,
+                device: device.device,
+                flags: quarantined,
+                ..FlowEntry::default()
+            },
+        );
+        return Tracked::New;
+    };
+    if now_ns.saturating_sub(entry.last_seen_ns) > REFRESH_NS {
+        let _ = tables.update(&reply, |e| e.last_seen_ns = now_ns);
+    }
+    if entry.flags & FLOW_ANSWERED != 0 {
+        Tracked::Answered
+    } else {
+        Tracked::Open
+    }
+}
+
+/// The flag of flows that a quarantined `device` keeps.
+#[inline(always)]
+fn quarantine_flag(device: &Endpoint) -> u16 {
+    if is_quarantined(device) {
+        FLOW_QUARANTINED
+    } else {
+        0
+    }
+}
+
+/// Tracked flows are refreshed at most once a second, from either direction: a map write
+/// per packet is not free, and timeouts are counted in seconds.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// The tuple of `flow`'s replies.
+#[inline(always)]
+fn reply_key(flow: &Flow) -> FlowKey {
+    FlowKey {
         src: flow.dst,
         dst: flow.src,
         sport: flow.dport,
         dport: flow.sport,
         protocol: flow.protocol,
         _pad: [0, 0, 0],
-    };
-    let flags = if is_quarantined(device) {
-        FLOW_QUARANTINED
-    } else {
-        0
-    };
-    if let Some(entry) = tables.tracked(&reply) {
-        if entry.device == device.device && entry.flags == flags {
-            let idle = now_ns.saturating_sub(entry.last_seen_ns);
-            if idle > REFRESH_NS {
-                tables.refresh(&reply, now_ns);
-            }
-            return idle >= timeout_ns(config, flow.protocol);
-        }
     }
-    tables.track(
-        &reply,
-        &FlowEntry {
-            last_seen_ns: now_ns,
-            device: device.device,
-            flags,
-        },
-    );
-    true
 }
-
-/// Tracked flows are refreshed at most once a second, from either direction: a map write
-/// per packet is not free, and timeouts are counted in seconds.
-const REFRESH_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn flow_key(flow: &Flow) -> FlowKey {

@@ -11,10 +11,10 @@ use agent_ebpf::{
     maps::{
         Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, FlowEntry, FlowKey,
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
-        ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG,
-        MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
-        MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS, MAP_ZONE_PREFIXES,
-        PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, FLOW_OPENER,
+        MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS,
+        MAP_FRAGMENTS, MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS,
+        MAP_ZONE_PREFIXES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -309,11 +309,14 @@ impl Datapath {
             .iter()
             .map(|&name| (name, dir.join("maps").join(name)))
             .collect();
+        let legacy = legacy::take(&dir.join("maps"))?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        Self::load_with(&mut loader, Some(dir.to_path_buf()))
+        let mut datapath = Self::load_with(&mut loader, Some(dir.to_path_buf()))?;
+        legacy.restore(&mut datapath)?;
+        Ok(datapath)
     }
 
     /// Loads the programs into the kernel (the verifier runs here).
@@ -342,7 +345,10 @@ impl Datapath {
         // An adopted CONFIG says which generation is live; a new one is all zeroes.
         let adopted = datapath.read_config()?;
         if adopted.timeout_tcp != 0 {
-            datapath.config = adopted;
+            datapath.config = Config {
+                epoch: adopted.epoch.max(1),
+                ..adopted
+            };
         }
         Ok(datapath)
     }
@@ -518,12 +524,13 @@ impl Datapath {
         Ok(remove_where(&mut self.hash::<K, V>(name)?, doomed))
     }
 
-    /// Tracked flows (live or idle but not yet evicted).
+    /// Tracked flows (live or idle but not yet evicted): their reply entries, not the
+    /// opener entries that cache the verdicts of some.
     pub fn tracked_flows(&mut self) -> Result<usize, DatapathError> {
         Ok(self
             .hash::<FlowKey, FlowEntry>(MAP_CONNTRACK)?
-            .keys()
-            .filter(Result::is_ok)
+            .iter()
+            .filter(|entry| matches!(entry, Ok((_, e)) if e.flags & FLOW_OPENER == 0))
             .count())
     }
 
@@ -586,9 +593,13 @@ impl Datapath {
             Ok(written) => written,
             Err(e) => return (false, Err(e)),
         };
+        let epoch = self.config.epoch;
         self.config.generation = next;
+        // Flows checked under the old epoch are checked again (maps.rs, `FlowEntry`).
+        self.config.epoch = epoch.checked_add(1).unwrap_or(1);
         if let Err(e) = self.write_config() {
             self.config.generation = old;
+            self.config.epoch = epoch;
             return (false, Err(e));
         }
         let in_force = started.elapsed();
@@ -624,6 +635,22 @@ impl Datapath {
             }
         }
     }
+    /// How many instructions the verifier walked to accept each program (it stops at 1M):
+    /// the headroom left for new code paths.
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        [PROG_FROM_DEVICE, PROG_TO_DEVICE]
+            .into_iter()
+            .map(|name| {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(DatapathError::Missing(name))?;
+                let info = program.info()?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
+    }
+
     /// Runs one of the programs on `frame` in the kernel (BPF_PROG_TEST_RUN), `repeat` times,
     /// against the live maps. For the tc hook, `ingress_ifindex` is where the frame came in.
     pub fn test_run(&self, run: TestRun<'_>) -> Result<TestRunResult, DatapathError> {
@@ -877,4 +904,137 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
+}
+
+/// Pinned maps in the layout of an earlier release, which the verifier would refuse for
+/// this one's programs: taken over into the new layout, so that an upgrade keeps the live
+/// generation and the tracked flows as a restart does.
+mod legacy {
+    use super::*;
+
+    /// `Config` before its epoch.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct ConfigV1 {
+        generation: u8,
+        flags: u8,
+        _pad: [u8; 2],
+        timeout_tcp: u32,
+        timeout_udp: u32,
+        timeout_other: u32,
+    }
+
+    /// `FlowEntry` before epochs and opener entries.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct FlowEntryV1 {
+        last_seen_ns: u64,
+        device: u32,
+        flags: u32,
+    }
+
+    // SAFETY: plain `repr(C)` data without padding, as the kernel stored it.
+    unsafe impl Pod for ConfigV1 {}
+    unsafe impl Pod for FlowEntryV1 {}
+
+    /// The LPM trie that zones were before `ZONE_PREFIXES`: nothing to take over.
+    const ZONES_V1: &str = "ZONES";
+
+    /// What [`take`] read from the old pins.
+    #[derive(Default)]
+    pub(super) struct Legacy {
+        config: Option<Config>,
+        flows: Vec<(FlowKey, FlowEntry)>,
+    }
+
+    /// Reads the maps pinned in `dir` in an old layout, and unpins them (the load then
+    /// creates them anew).
+    pub(super) fn take(dir: &Path) -> Result<Legacy, DatapathError> {
+        let mut legacy = Legacy::default();
+        let config_pin = dir.join(MAP_CONFIG);
+        if value_size(&config_pin) == Some(size_of::<ConfigV1>()) {
+            let old: Array<MapData, ConfigV1> =
+                Array::try_from(Map::Array(open(&config_pin)?)).map_err(map_err(MAP_CONFIG))?;
+            let old = old.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+            legacy.config = Some(Config {
+                generation: old.generation,
+                flags: old.flags,
+                _pad: [0; 2],
+                timeout_tcp: old.timeout_tcp,
+                timeout_udp: old.timeout_udp,
+                timeout_other: old.timeout_other,
+                epoch: 1,
+            });
+            unpin(&config_pin)?;
+        }
+        let flows_pin = dir.join(MAP_CONNTRACK);
+        if value_size(&flows_pin) == Some(size_of::<FlowEntryV1>()) {
+            let old: HashMap<MapData, FlowKey, FlowEntryV1> =
+                HashMap::try_from(Map::LruHashMap(open(&flows_pin)?))
+                    .map_err(map_err(MAP_CONNTRACK))?;
+            // Not yet checked in any epoch: each flow's next packet is judged in full.
+            legacy.flows = old
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(key, old)| {
+                    let entry = FlowEntry {
+                        last_seen_ns: old.last_seen_ns,
+                        device: old.device,
+                        flags: old.flags as u16,
+                        ..FlowEntry::default()
+                    };
+                    (key, entry)
+                })
+                .collect();
+            unpin(&flows_pin)?;
+        }
+        let zones_pin = dir.join(ZONES_V1);
+        if zones_pin.exists() {
+            unpin(&zones_pin)?;
+        }
+        Ok(legacy)
+    }
+
+    impl Legacy {
+        /// Writes what was taken into the new maps of `datapath`.
+        pub(super) fn restore(self, datapath: &mut Datapath) -> Result<(), DatapathError> {
+            if let Some(config) = self.config {
+                tracing::info!("pinned CONFIG taken over from an earlier release's layout");
+                datapath.config = config;
+                datapath.write_config()?;
+            }
+            if !self.flows.is_empty() {
+                tracing::info!(
+                    flows = self.flows.len(),
+                    "pinned CONNTRACK taken over from an earlier release's layout"
+                );
+                let mut flows = datapath.hash::<FlowKey, FlowEntry>(MAP_CONNTRACK)?;
+                for (key, entry) in self.flows {
+                    flows
+                        .insert(key, entry, 0)
+                        .map_err(map_err(MAP_CONNTRACK))?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn value_size(pin: &Path) -> Option<usize> {
+        let info = aya::maps::MapInfo::from_pin(pin).ok()?;
+        Some(info.value_size() as usize)
+    }
+
+    fn open(pin: &Path) -> Result<MapData, DatapathError> {
+        MapData::from_pin(pin).map_err(|e| DatapathError::Pin {
+            path: pin.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
+    }
+
+    fn unpin(pin: &Path) -> Result<(), DatapathError> {
+        fs::remove_file(pin).map_err(|source| DatapathError::Pin {
+            path: pin.to_path_buf(),
+            source,
+        })
+    }
 }

@@ -459,6 +459,23 @@ fn family_rows(t: &mut Table, n: &Net) {
     t.row("from a device-facing interface to temp-002 (judged at XDP)", DEVICE_SIDE, tcp(n.t1, n.t2, 40011, 9999), Pass(Forwarded));
     t.row("from a device-facing interface, any source", DEVICE_SIDE, tcp(n.world, n.broker, 40011, 9999), Pass(Forwarded));
 
+    // A flow whose reply passed is answered: its next packet is judged in full and caches
+    // the verdict in an opener entry; the packets after pass on their flow entries alone.
+    t.section("rule 4: answered flows");
+    for round in ["", " again"] {
+        t.row(format!("temp-001's next NTP query{round}"), FROM, ntp_query.clone(), Pass(Allowed));
+        t.row(format!("...NTP's next reply{round}"), UPLINK, ntp_query.reply(), Pass(Reply));
+        t.row(format!("temp-001's next packet to mqtt-broker{round} (device to device)"), FROM, to_broker.clone(), Pass(Allowed));
+        t.row(format!("...mqtt-broker's next reply{round}"), FROM, to_broker.reply(), Pass(Reply));
+        t.row(format!("ops-vpn's next packet of the accepted flow{round}"), UPLINK, ssh.clone(), Pass(Allowed));
+        t.row(format!("...mqtt-broker's next reply{round}"), FROM, ssh.reply(), Pass(Reply));
+    }
+    t.row("temp-001's NTP query from another MAC (temp-001's is pinned)", FROM, ntp_query.clone().mac(EVIL_MAC), Drop(Spoof));
+    t.row("mqtt-broker's reply to temp-001 from temp-001's MAC", FROM, to_broker.reply().mac(T1_MAC), Drop(Spoof));
+    t.row("mqtt-broker's reply to ops-vpn from another MAC", FROM, ssh.reply().mac(EVIL_MAC), Drop(Spoof));
+    t.row("NTP's reply, arriving on a device-facing interface (judged at XDP)", DEVICE_SIDE, ntp_query.reply(), Pass(Forwarded));
+    t.row("temp-001's address from the uplink, on its flow to mqtt-broker (an XDP entry)", UPLINK, to_broker.clone(), Drop(DefaultDeny));
+
     t.section("rule 6: default deny");
     t.row("temp-001 → world 80/tcp", FROM, tcp(n.t1, n.world, 40012, 80), Drop(DefaultDeny));
     t.row("temp-001 → world GRE", FROM, proto(n.t1, n.world, 47), Drop(DefaultDeny));
@@ -634,6 +651,13 @@ fn quarantine_rows(before: &mut Table, during: &mut Table, lifted: &mut Table, n
     let t2_datagram = udp(n.t2, n.ntp, 40055, 123).datagram_id(0x4001);
     t.row("before: mqtt-broker → cloud 443/tcp", FROM, broker_cloud.clone(), Pass(Allowed));
     t.row("before: ops-vpn → mqtt-broker 22/tcp (accepted)", UPLINK, ops_ssh.clone(), Pass(Allowed));
+    // Answered, so their verdicts are cached: the quarantine must still end them.
+    t.row("before: cloud's reply", UPLINK, broker_cloud.reply(), Pass(Reply));
+    t.row("before: mqtt-broker's reply to ops-vpn", FROM, ops_ssh.reply(), Pass(Reply));
+    for round in ["", ", on its cached verdict"] {
+        t.row(format!("before: mqtt-broker's next packet to cloud{round}"), FROM, broker_cloud.clone(), Pass(Allowed));
+        t.row(format!("before: ops-vpn's next packet to mqtt-broker{round}"), UPLINK, ops_ssh.clone(), Pass(Allowed));
+    }
     t.row("before: temp-001 → mqtt-broker 8883/tcp", FROM, t1_broker.clone(), Pass(Allowed));
     t.row("before: mqtt-broker → hist-1 443/tcp", FROM, broker_hist.clone(), Pass(Allowed));
     t.row("before: temp-002 → NTP 123/udp", FROM, t2_ntp.clone(), Pass(Allowed));
@@ -719,6 +743,8 @@ fn quarantine_rows(before: &mut Table, during: &mut Table, lifted: &mut Table, n
     t.row("lifted: hist-1 → temp-002 9/udp", FROM, udp(n.hist, n.t2, 40058, 9), Pass(Allowed));
     t.row("lifted: cam-1 → hist-1 554/tcp", FROM, tcp(n.cam, n.hist, 40058, 554), Pass(Allowed));
     t.row("lifted: the update server's reply to the flow opened in quarantine", UPLINK, to_updates.reply(), Pass(Reply));
+    t.row("lifted: mqtt-broker's next packet to cloud of the flow from before", FROM, broker_cloud.clone(), Pass(Allowed));
+    t.row("lifted: ops-vpn's next packet to mqtt-broker of the flow from before", UPLINK, ops_ssh.clone(), Pass(Allowed));
 }
 
 #[rustfmt::skip]

@@ -875,7 +875,9 @@ impl Tables for CompiledPolicy {
 
     fn track(&self, _key: &FlowKey, _entry: &FlowEntry) {}
 
-    fn refresh(&self, _key: &FlowKey, _now_ns: u64) {}
+    fn update(&self, _key: &FlowKey, _change: impl FnOnce(&mut FlowEntry)) -> bool {
+        false
+    }
 
     fn datagram(&self, _key: &DatagramKey) -> Option<DatagramEntry> {
         None

@@ -622,10 +622,8 @@ impl Tables for HostTables<'_> {
         self.flows.borrow_mut().insert(*key, *entry);
     }
 
-    fn refresh(&self, key: &FlowKey, now_ns: u64) {
-        if let Some(entry) = self.flows.borrow_mut().get_mut(key) {
-            entry.last_seen_ns = now_ns;
-        }
+    fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool {
+        self.flows.borrow_mut().get_mut(key).map(change).is_some()
     }
 
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry> {
@@ -644,6 +642,9 @@ impl Host {
             // Host tables hold the compiled generation 0, whichever slot the kernel uses.
             generation: 0,
             flags: if self.audit { CONFIG_AUDIT } else { 0 },
+            // No epoch: no flow entry is ever taken on its own, every packet is judged in
+            // full, so the kernel's cached verdicts are checked against fresh ones.
+            epoch: 0,
             ..Config::default()
         };
         let tables = HostTables {
