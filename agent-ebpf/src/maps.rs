@@ -439,9 +439,10 @@ pub struct SegmentKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SegmentPolicy {
-    /// Bit n set: some `allow` entry of this segment has port prefix length n (0..=16).
-    /// The program tries only these lengths, so a miss costs at most 17 lookups whatever
-    /// the number of rules, and typically two.
+    /// Bit n set: some `allow` entry of this segment has port prefix length n (0..=16);
+    /// [`PREFIXES_PORTLESS`], [`PREFIXES_ANY_PROTOCOL`]: some has a protocol without ports,
+    /// or `any`. The program tries only these, so a miss costs at most 18 lookups whatever
+    /// the number of rules, and typically one.
     pub allow_port_prefixes: u32,
     /// The same for `accept` entries.
     pub accept_port_prefixes: u32,
@@ -451,6 +452,11 @@ pub struct SegmentPolicy {
 
 /// The segment is in audit mode.
 pub const SEGMENT_AUDIT: u32 = 1;
+
+/// In a `SegmentPolicy` prefix mask: some entry has a protocol without ports (ICMP, GRE...).
+pub const PREFIXES_PORTLESS: u32 = 1 << 30;
+/// In a `SegmentPolicy` prefix mask: some entry has the protocol `any`.
+pub const PREFIXES_ANY_PROTOCOL: u32 = 1 << 31;
 
 /// Key of `POLICY`: "segment may open a flow of `protocol` to port `port/port_prefix` of a
 /// peer with `identity`" (`DIR_ALLOW`), or "a peer with `identity` may open one to the

@@ -15,7 +15,7 @@ use crate::{
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, CONFIG_AUDIT, DIR_ACCEPT,
         DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, ENDPOINT_QUARANTINED,
         FLOW_ANSWERED, FLOW_FROM_DEVICE, FLOW_OPENER, FLOW_QUARANTINED, FLOW_SENDER_MAC,
-        FRAGMENT_TIMEOUT_NS, PROTO_ANY, SEGMENT_AUDIT,
+        FRAGMENT_TIMEOUT_NS, PREFIXES_ANY_PROTOCOL, PREFIXES_PORTLESS, PROTO_ANY, SEGMENT_AUDIT,
     },
     parse::Parsed,
 };
@@ -923,7 +923,8 @@ pub fn address_identity<T: Tables>(tables: &T, config: &Config, addr: &Addr) -> 
 }
 
 /// The rule of the policy entry for `key` (direction, segment, identity, protocol set) and
-/// `port`, trying only the port prefix lengths the segment uses, then the `any` protocol.
+/// `port`, trying only the port prefix lengths the segment uses, then the `any` protocol,
+/// each only if the segment has such entries (`prefixes`).
 #[inline(always)]
 fn lookup_policy<T: Tables>(
     tables: &T,
@@ -948,8 +949,13 @@ fn lookup_policy<T: Tables>(
             }
             i += 1;
         }
-    } else if let Some(v) = tables.policy(&key) {
-        return Some(v.rule);
+    } else if prefixes & PREFIXES_PORTLESS != 0 {
+        if let Some(v) = tables.policy(&key) {
+            return Some(v.rule);
+        }
+    }
+    if prefixes & PREFIXES_ANY_PROTOCOL == 0 {
+        return None;
     }
     key.protocol = PROTO_ANY;
     key.port_prefix = 0;

@@ -19,7 +19,8 @@ use agent_ebpf::{
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, ZoneKey, ZoneLengths,
         DIR_ACCEPT, DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE,
         ENDPOINT_QUARANTINED, MAX_ENDPOINTS, MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_ZONE_LENGTHS,
-        MAX_ZONE_PREFIXES, PROTO_ANY, SEGMENT_AUDIT, V4_MAPPED_PREFIX_BITS,
+        MAX_ZONE_PREFIXES, PREFIXES_ANY_PROTOCOL, PREFIXES_PORTLESS, PROTO_ANY, SEGMENT_AUDIT,
+        V4_MAPPED_PREFIX_BITS,
     },
     verdict::{Tables, IDENTITY_QUARANTINED, IDENTITY_WORLD},
 };
@@ -520,7 +521,8 @@ pub fn compile_with(
             });
     }
 
-    // Bit n of a segment's mask: some entry of that direction has port prefix length n.
+    // Bit n of a segment's mask: some entry of that direction has port prefix length n
+    // (or a protocol without ports, or `any`).
     let mut port_prefix_masks = vec![(0u32, 0u32); out.segment_names.len()];
     // The identities that contain each class, so that a rule visits only the identities
     // it grants (all of them for each rule would grow with rules × identities).
@@ -554,15 +556,17 @@ pub fn compile_with(
                     out.policy
                         .entry(entry)
                         .or_insert(PolicyValue { rule: grant.rule });
-                    if spec.protocol.has_ports() {
-                        let (allow, accept) = &mut port_prefix_masks[grant.segment];
-                        let mask = if grant.direction == DIR_ALLOW {
-                            allow
-                        } else {
-                            accept
-                        };
-                        *mask |= 1 << port_prefix;
-                    }
+                    let (allow, accept) = &mut port_prefix_masks[grant.segment];
+                    let mask = if grant.direction == DIR_ALLOW {
+                        allow
+                    } else {
+                        accept
+                    };
+                    *mask |= match spec.protocol.number() {
+                        PROTO_ANY => PREFIXES_ANY_PROTOCOL,
+                        _ if spec.protocol.has_ports() => 1 << port_prefix,
+                        _ => PREFIXES_PORTLESS,
+                    };
                 }
             }
         }
