@@ -649,9 +649,13 @@ fn continues_tracked<T: Tables>(
     {
         return false;
     }
-    // Towards a device, the entry is that device's: after a lease move, the address's new
-    // owner gets none of the old owner's replies.
-    if sender.is_none() && entry.device != device.device {
+    // The entry is the device's at one end of the flow: towards a device, that device's;
+    // from a device, its own (a flow opened to it) or the device's it answers (which opened
+    // the flow). So after a lease move the address's new owner gets and gives none of the
+    // old owner's replies, before the daemon's flow cut is through.
+    if entry.device != device.device
+        && (sender.is_none() || !is_device_at(tables, config, &flow.dst, entry.device))
+    {
         return false;
     }
     let _ = tables.update(&flow_key(flow), |e| {
@@ -662,6 +666,15 @@ fn continues_tracked<T: Tables>(
         }
     });
     true
+}
+
+/// Is `addr` an address of device `device`? Not inlined: it is for device-to-device
+/// replies, once a flow and epoch, and keeps its key off the hooks' stack frames.
+#[inline(never)]
+fn is_device_at<T: Tables>(tables: &T, config: &Config, addr: &Addr, device: u32) -> bool {
+    tables
+        .endpoint(&addr_key(config, addr))
+        .is_some_and(|e| e.flags & ENDPOINT_DEVICE != 0 && e.device == device)
 }
 
 /// Is the ICMP error `flow` about a packet of a live tracked flow with `required` flags?

@@ -874,8 +874,38 @@ fn hook_name(hook: Hook) -> &'static str {
 }
 
 fn compiled(state: &DeviceState) -> CompiledPolicy {
-    let policy = load_str(Path::new("tables.yaml"), POLICY).expect("the table policy loads");
+    compiled_from(POLICY, state)
+}
+
+fn compiled_from(yaml: &str, state: &DeviceState) -> CompiledPolicy {
+    let policy = load_str(Path::new("tables.yaml"), yaml).expect("the table policy loads");
     compile_with(&policy, &[V4.gateway, V6.gateway], state).expect("the table policy compiles")
+}
+
+/// temp-002's address after it moved (a new lease), and hist-1 holding its old one.
+const TEMP_002_MOVED: IpAddr = v4(10, 20, 1, 99);
+
+fn moved_policy() -> CompiledPolicy {
+    let state = DeviceState {
+        learned: [("hist-1".to_owned(), [V4.t2].into())].into(),
+        ..DeviceState::default()
+    };
+    compiled_from(&POLICY.replace("10.20.1.12", "10.20.1.99"), &state)
+}
+
+/// SPEC §2.7: permissions and flows follow the device, not the address. `before` runs with
+/// the policy as compiled, `moved` with temp-002 at a new address and its old one hist-1's.
+#[rustfmt::skip]
+fn moved_rows(before: &mut Table, moved: &mut Table) {
+    for t in [&mut *before, &mut *moved] {
+        t.section("§2.7: a moved address");
+    }
+    let ntp_query = udp(V4.t2, V4.ntp, 40070, 123);
+    before.row("temp-002 → NTP 123/udp", FROM, ntp_query.clone(), Pass(Allowed));
+    before.row("...NTP's reply", UPLINK, ntp_query.reply(), Pass(Reply));
+    moved.row("NTP's reply to temp-002's flow, to the address hist-1 has now", UPLINK, ntp_query.reply(), Drop(DefaultDeny));
+    moved.row("temp-002 → NTP 123/udp from its new address", FROM, udp(TEMP_002_MOVED, V4.ntp, 40070, 123), Pass(Allowed));
+    moved.row("hist-1 → NTP 123/udp from temp-002's old address (no rule)", FROM, ntp_query, Drop(DefaultDeny));
 }
 
 /// The devices the quarantine rows quarantine: one with a pinned MAC and accept rules, one
@@ -929,6 +959,9 @@ fn verdict_table() {
     malformed_rows(&mut enforced);
     quarantine_rows(&mut enforced, &mut during, &mut lifted, &V4);
     quarantine_rows(&mut enforced, &mut during, &mut lifted, &V6);
+    let mut moved = Table::default();
+    moved_rows(&mut lifted, &mut moved);
+    let moved_policy = moved_policy();
     let mut audit = Table::default();
     audit_rows(&mut audit);
 
@@ -942,6 +975,12 @@ fn verdict_table() {
             &during,
         ),
         ("quarantine lifted", &plain, false, &lifted),
+        (
+            "temp-002 moved, hist-1 at its old address",
+            &moved_policy,
+            false,
+            &moved,
+        ),
         ("agent in audit mode", &plain, true, &audit),
     ];
     let mut failures = Vec::new();
