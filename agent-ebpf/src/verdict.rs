@@ -571,8 +571,9 @@ enum OwnEntry {
 
 /// Looks up the flow entry of `flow`, a packet from a device (XDP) with source MAC
 /// `sender_mac`, or towards one (tc, `None`), and writes into `passed` the decision if it
-/// [`OwnEntry::Passes`]. Not inlined, and the entry stays in here: carrying its many
-/// possible values into the full judgement multiplies the verifier's states past its limit.
+/// [`OwnEntry::Passes`]. Not inlined, and the entry stays in here, so that its many
+/// possible values do not multiply the verifier's states across the full judgement
+/// (`tests/verifier_budget.rs` watches the total).
 #[inline(never)]
 fn own_entry<T: Tables>(
     tables: &T,
@@ -636,9 +637,8 @@ fn continues_tracked<T: Tables>(
     if let Some(related) = &flow.related {
         return related_to_tracked(tables, config, flow, related, required, now_ns);
     }
-    // Looked up again rather than carried from the first lookup: the entry's many
-    // possible values multiply the verifier's states past its limit; this runs once per
-    // flow and epoch.
+    // Looked up again, not carried over from `own_entry` (see there why); this runs once
+    // per flow and epoch.
     let Some(entry) = tracked.then(|| tables.tracked(&flow_key(flow))).flatten() else {
         return false;
     };
