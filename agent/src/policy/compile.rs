@@ -25,7 +25,9 @@ use agent_ebpf::{
 };
 use ipnet::{IpNet, Ipv6Net};
 
-use super::model::{canonical_net, Device, Location, Mode, Policy, PortSpec, Source, Target};
+use super::model::{
+    canonical_net, Device, DeviceIndex, Location, Mode, Policy, PortSpec, Source, Target,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
@@ -67,6 +69,9 @@ pub struct CompiledPolicy {
     classification: Classification,
     /// The gateway's own endpoints, which a device's address takes precedence over.
     gateway: BTreeMap<AddrKey, Endpoint>,
+    /// The keys of `endpoints` that are devices', by device number, so that a device's
+    /// endpoints are found without a walk over all of them.
+    device_endpoints: BTreeSet<(u32, AddrKey)>,
 }
 
 /// Entries to write (`Some`) or remove (`None`), map by map, in the order of the keys.
@@ -162,7 +167,18 @@ impl CompiledPolicy {
 
     /// Applies `changes` to the entries (rules and names stay as they are).
     pub fn apply(&mut self, changes: &EntryChanges) {
-        apply(&mut self.endpoints, &changes.endpoints);
+        for (k, v) in &changes.endpoints {
+            let old = match v {
+                Some(v) => self.endpoints.insert(*k, *v),
+                None => self.endpoints.remove(k),
+            };
+            if let Some(old) = old.filter(is_device) {
+                self.device_endpoints.remove(&(old.device, *k));
+            }
+            if let Some(new) = v.filter(is_device) {
+                self.device_endpoints.insert((new.device, *k));
+            }
+        }
         apply(&mut self.zones, &changes.zones);
         apply(&mut self.segments, &changes.segments);
         apply(&mut self.policy, &changes.policy);
@@ -171,76 +187,68 @@ impl CompiledPolicy {
         }
     }
 
-    /// The endpoint changes that compiling `policy` (the policy this was compiled from)
-    /// with `state` makes to the devices `devices`, whose learned addresses or quarantine
-    /// changed; everything else stays. Costs one walk over the devices and endpoints, not a
-    /// compilation. `None` when the full compilation is needed: a device's address needs an
-    /// identity this compilation does not have, or is taken from an owner not in `devices`.
+    /// The endpoint changes that compiling `policy` (the policy this was compiled from,
+    /// whose devices `index` indexes) with `state` makes to the devices `devices`, whose
+    /// learned addresses or quarantine changed; everything else stays. Costs lookups of
+    /// those devices only, not a compilation. `None` when the full compilation is needed: a
+    /// device's address needs an identity this compilation does not have, or is taken from
+    /// an owner not in `devices`.
     pub fn recompile_devices(
         &self,
         policy: &Policy,
+        index: &DeviceIndex,
         state: &DeviceState,
         devices: &BTreeSet<String>,
     ) -> Option<EntryChanges> {
-        // Learned addresses that the policy binds statically to another device are not used.
-        let learned: BTreeSet<IpAddr> = devices
-            .iter()
-            .filter_map(|d| state.learned.get(d))
-            .flatten()
-            .map(|ip| ip.to_canonical())
-            .collect();
-        let static_owners: HashMap<IpAddr, &str> = static_addresses(policy)
-            .filter(|(ip, _)| learned.contains(ip))
-            .collect();
         let identities = &self.classification.identities;
         let mut wanted = BTreeMap::new();
+        let mut current = BTreeMap::new();
         let mut numbers = BTreeSet::new();
-        let mut number = 0u32;
-        for (s, segment) in policy.segments.iter().enumerate() {
-            for device in &segment.devices {
-                number += 1;
-                if !devices.contains(&device.id) {
-                    continue;
-                }
-                if self.device_ids.get(number as usize - 1) != Some(&device.id) {
-                    return None; // not the policy this was compiled from
-                }
-                numbers.insert(number);
-                let learned = state.learned.get(&device.id).into_iter().flatten();
-                let addresses = device.addresses.iter().chain(learned.filter(|ip| {
-                    static_owners
-                        .get(&ip.to_canonical())
-                        .is_none_or(|owner| *owner == device.id)
-                }));
-                let place = DevicePlace {
-                    segment: s,
-                    number,
-                    audit: segment.mode == Mode::Audit,
-                    quarantine_segment: policy.segments.len(),
-                };
-                wanted.extend(place.endpoints(
-                    device,
-                    addresses.copied(),
-                    state.quarantined.contains(&device.id),
-                    &self.classification.classifier,
-                    |set| identities.find(set),
-                )?);
+        for id in devices {
+            // Not a device of the policy: it has no endpoints.
+            let Some(at) = index.by_id(policy, id) else {
+                continue;
+            };
+            if self.device_ids.get(at.number as usize - 1) != Some(id) {
+                return None; // not the policy this was compiled from
             }
+            numbers.insert(at.number);
+            // Learned addresses that the policy binds statically to another device are not
+            // used.
+            let learned = state.learned.get(id).into_iter().flatten().filter(|ip| {
+                index
+                    .static_owner(**ip)
+                    .is_none_or(|owner| owner == at.number)
+            });
+            let place = DevicePlace {
+                segment: at.segment_index,
+                number: at.number,
+                audit: at.segment.mode == Mode::Audit,
+                quarantine_segment: policy.segments.len(),
+            };
+            wanted.extend(place.endpoints(
+                at.device,
+                at.device.addresses.iter().chain(learned).copied(),
+                state.quarantined.contains(id),
+                &self.classification.classifier,
+                |set| identities.find(set),
+            )?);
+            // Every key of device `n` lies between (n, the least key) and (n + 1, it).
+            let least = key([0; 16]);
+            current.extend(
+                self.device_endpoints
+                    .range((at.number, least)..(at.number + 1, least))
+                    .map(|&(_, k)| (k, self.endpoints[&k])),
+            );
         }
         let taken_from_others = wanted.keys().any(|k| {
             self.endpoints
                 .get(k)
-                .is_some_and(|e| !numbers.contains(&e.device) && e.flags & ENDPOINT_DEVICE != 0)
+                .is_some_and(|e| !numbers.contains(&e.device) && is_device(e))
         });
         if taken_from_others {
             return None;
         }
-        let current: BTreeMap<AddrKey, Endpoint> = self
-            .endpoints
-            .iter()
-            .filter(|(_, e)| e.flags & ENDPOINT_DEVICE != 0 && numbers.contains(&e.device))
-            .map(|(k, e)| (*k, *e))
-            .collect();
         let mut endpoints = changes(&current, &wanted);
         // An address a device gives up that is the gateway's goes back to the gateway.
         for (k, v) in &mut endpoints {
@@ -291,6 +299,11 @@ fn zone_key(net: &IpNet) -> ZoneKey {
         addr,
         ..ZoneKey::default()
     }
+}
+
+/// Whether `endpoint` is a device's (not the gateway's).
+fn is_device(endpoint: &Endpoint) -> bool {
+    endpoint.flags & ENDPOINT_DEVICE != 0
 }
 
 fn key(addr: Addr) -> AddrKey {
@@ -474,8 +487,13 @@ pub fn compile_with(
                 &classifier,
                 |set| Some(identities.intern(set)),
             );
-            out.endpoints
-                .extend(entries.expect("interning always finds an identity"));
+            for (k, endpoint) in entries.expect("interning always finds an identity") {
+                // An address learned by two devices is the later one's.
+                if let Some(earlier) = out.endpoints.insert(k, endpoint) {
+                    out.device_endpoints.remove(&(earlier.device, k));
+                }
+                out.device_endpoints.insert((device_number, k));
+            }
         }
     }
     out.segment_names.extend([
@@ -987,6 +1005,7 @@ mod tests {
             allow: [{to: plant, ports: [any]}, {to: a1, ports: [22/tcp]}]\n---\n\
             kind: Quarantine\nallow: [{to: plant, ports: [443/tcp]}]\n";
         let policy = crate::policy::load::load_str(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let index = DeviceIndex::new(&policy);
         let gateway: Vec<IpAddr> = vec!["10.1.0.254".parse().unwrap()];
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let learned = |pairs: &[(&str, &str)]| -> BTreeMap<String, BTreeSet<IpAddr>> {
@@ -1027,7 +1046,7 @@ mod tests {
                 .collect();
             let mut patched = compile_with(&policy, &gateway, before).unwrap();
             let full = compile_with(&policy, &gateway, after).unwrap();
-            let Some(changes) = patched.recompile_devices(&policy, after, &touched) else {
+            let Some(changes) = patched.recompile_devices(&policy, &index, after, &touched) else {
                 continue;
             };
             patched_steps += 1;
