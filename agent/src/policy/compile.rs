@@ -447,20 +447,8 @@ pub fn compile_with(
             });
         }
     }
-    let targeted: BTreeSet<Class> = grants.iter().flat_map(|g| g.peer.iter().cloned()).collect();
-    let targeted_cidrs: Vec<IpNet> = targeted
-        .iter()
-        .filter_map(|c| match c {
-            Class::Cidr(n) => Some(*n),
-            _ => None,
-        })
-        .collect();
-
+    let classifier = Classifier::new(grants.iter().flat_map(|g| g.peer.iter().cloned()).collect());
     let statically_bound: HashMap<IpAddr, &str> = static_addresses(policy).collect();
-    let classifier = Classifier {
-        targeted,
-        targeted_cidrs,
-    };
     let mut identities = Identities::default();
     let mut device_number = 0u32;
     for (s, segment) in policy.segments.iter().enumerate() {
@@ -501,7 +489,7 @@ pub fn compile_with(
         QUARANTINE_SEGMENT_NAME.to_owned(),
     ]);
     for ip in gateway_addrs.iter().map(IpAddr::to_canonical) {
-        let mut classes = classifier.cidr_classes(|n| n.contains(&ip));
+        let mut classes = classifier.cidr_classes(IpNet::from(ip));
         classes.push(Class::Gateway);
         let endpoint = Endpoint {
             identity: identities.intern(classifier.targeted_set(classes)),
@@ -513,7 +501,7 @@ pub fn compile_with(
             .or_insert(endpoint);
     }
     for net in &classifier.targeted_cidrs {
-        let classes = classifier.cidr_classes(|outer| outer.contains(net));
+        let classes = classifier.cidr_classes(*net);
         out.zones.insert(
             zone_key(net),
             ZoneIdentity {
@@ -700,15 +688,49 @@ struct Classification {
 struct Classifier {
     targeted: BTreeSet<Class>,
     targeted_cidrs: Vec<IpNet>,
+    /// The prefix lengths of `targeted_cidrs`, IPv4's and IPv6's apart: the targeted CIDRs
+    /// containing an address are found with one lookup per length, not a test of each.
+    v4_lengths: BTreeSet<u8>,
+    v6_lengths: BTreeSet<u8>,
 }
 
 impl Classifier {
-    /// The targeted CIDRs that `contains` picks, as classes.
-    fn cidr_classes(&self, contains: impl Fn(&IpNet) -> bool) -> Vec<Class> {
-        self.targeted_cidrs
+    fn new(targeted: BTreeSet<Class>) -> Classifier {
+        let targeted_cidrs: Vec<IpNet> = targeted
             .iter()
-            .filter(|n| contains(n))
-            .map(|n| Class::Cidr(*n))
+            .filter_map(|c| match c {
+                Class::Cidr(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let lengths = |v4: bool| {
+            targeted_cidrs
+                .iter()
+                .filter(|n| matches!(n, IpNet::V4(_)) == v4)
+                .map(|n| n.prefix_len())
+                .collect()
+        };
+        Classifier {
+            v4_lengths: lengths(true),
+            v6_lengths: lengths(false),
+            targeted_cidrs,
+            targeted,
+        }
+    }
+
+    /// The targeted CIDRs that contain `net` (of its own family: an IPv6 CIDR contains no
+    /// IPv4 address), as classes; an address is the CIDR of its full length.
+    fn cidr_classes(&self, net: IpNet) -> Vec<Class> {
+        let lengths = match net {
+            IpNet::V4(_) => &self.v4_lengths,
+            IpNet::V6(_) => &self.v6_lengths,
+        };
+        lengths
+            .range(..=net.prefix_len())
+            .filter_map(|&len| {
+                let outer = Class::Cidr(IpNet::new(net.addr(), len).ok()?.trunc());
+                self.targeted.contains(&outer).then_some(outer)
+            })
             .collect()
     }
 
@@ -783,7 +805,7 @@ impl DevicePlace {
                         IDENTITY_QUARANTINED,
                     )
                 } else {
-                    let mut classes = classifier.cidr_classes(|n| n.contains(&ip));
+                    let mut classes = classifier.cidr_classes(IpNet::from(ip));
                     classes.extend([
                         Class::Segment(self.segment),
                         Class::Device(self.number as usize - 1),
