@@ -187,6 +187,16 @@ struct RawDevice {
     location: Location,
 }
 
+impl RawDevice {
+    /// The device as error messages name it.
+    fn label(&self) -> String {
+        match &self.id {
+            Some(id) => format!("device {:?}", id.name),
+            None => format!("the device at {}", self.location),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RawZone {
     name: Option<Named>,
@@ -1271,7 +1281,8 @@ impl Names {
         }
         // Device ids after all segment and zone names, so that a clash is found whatever the
         // order of the files.
-        let mut addresses: HashMap<IpAddr, (usize, String, Location)> = HashMap::new();
+        // Each address with its device (its place among all devices, and itself).
+        let mut addresses: HashMap<IpAddr, (usize, &RawDevice, &Location)> = HashMap::new();
         let all_devices = docs
             .iter()
             .filter_map(|doc| match doc {
@@ -1308,24 +1319,24 @@ impl Names {
                     ),
                 }
             }
-            let label = match &device.id {
-                Some(id) => format!("device {:?}", id.name),
-                None => format!("the device at {}", device.location),
-            };
             for (ip, location) in &device.addresses {
                 // `::ffff:10.0.0.1` is the same host as `10.0.0.1`.
                 match addresses.entry(ip.to_canonical()) {
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert((owner, label.clone(), location.clone()));
+                        v.insert((owner, device, location));
                     }
                     std::collections::hash_map::Entry::Occupied(o) => {
-                        let (first_owner, first_label, first) = o.get();
-                        let message = if *first_owner == owner {
-                            format!("address {ip} is listed twice for {label} (first at {first})")
+                        let (first_owner, first_device, first) = *o.get();
+                        let message = if first_owner == owner {
+                            format!(
+                                "address {ip} is listed twice for {} (first at {first})",
+                                device.label()
+                            )
                         } else {
                             format!(
-                                "address {ip} is already bound to {first_label} (at {first}); \
-                                 an address belongs to one device"
+                                "address {ip} is already bound to {} (at {first}); an address \
+                                 belongs to one device",
+                                first_device.label()
                             )
                         };
                         diags.error(location.clone(), message);
