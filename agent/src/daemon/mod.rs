@@ -79,7 +79,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .policy
         .clone()
         .context("no policy directory: give --policy or `policy:` in the configuration file")?;
-    let policy = load_dir(&policy_dir)?;
+    keep_heap_thresholds_fixed();
+    let policy = load_policy_dir(&policy_dir)?;
     let state = state::load(&config.state_dir)?;
     let audit = AuditLog::open(
         config.audit_log.as_deref(),
@@ -274,6 +275,37 @@ struct Agent {
     flow_cuts: std::sync::mpsc::Sender<PendingCuts>,
 }
 
+/// glibc raises its thresholds for trimming the heap and for giving large blocks pages of
+/// their own each time a large block is freed (a policy file read, the entries of an
+/// install), after which the memory the daemon frees stays with it. Fixed at glibc's
+/// defaults, they stay put and freed memory goes back.
+fn keep_heap_thresholds_fixed() {
+    #[cfg(target_env = "gnu")]
+    for option in [libc::M_TRIM_THRESHOLD, libc::M_MMAP_THRESHOLD] {
+        // SAFETY: mallopt only changes the allocator's settings.
+        unsafe { libc::mallopt(option, 128 * 1024) };
+    }
+}
+
+/// Loads the policy directory on a thread of its own and keeps a copy made on this one.
+/// glibc gives each thread a heap of its own, and parsing leaves its heap full of holes
+/// between the few blocks the policy keeps; with the policy copied out, that heap is free
+/// as a whole and goes back (see [`Agent::policy_loaded`]), so the daemon holds what the
+/// policy takes, not what parsing it took.
+fn load_policy_dir(dir: &std::path::Path) -> anyhow::Result<Policy> {
+    let loaded = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("policy-loader".into())
+            .spawn_scoped(scope, || load_dir(dir))
+            .map(|loader| loader.join())
+    });
+    match loaded {
+        Ok(Ok(policy)) => Ok(policy?.clone()),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the policy loader thread")),
+    }
+}
+
 /// The next change a watch reports; never, without a watch.
 async fn next_change(watch: &mut Option<Watch>) -> Option<()> {
     match watch {
@@ -400,17 +432,15 @@ impl Agent {
     /// nothing: the old one keeps enforcing. `skip_unchanged`: nor does one that compiles
     /// to exactly what is in force.
     fn load_policy(&mut self, skip_unchanged: bool) -> Result<u64, String> {
-        let attempt = load_dir(&self.policy_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|policy| {
-                self.gateway = match &self.netns {
-                    Some(name) => Netns::named(name)?.gateway_addresses()?,
-                    None => Netns::current().gateway_addresses()?,
-                };
-                let index = DeviceIndex::new(&policy);
-                let compiled = self.compile(&policy, &index)?;
-                Ok((policy, index, compiled))
-            });
+        let attempt = load_policy_dir(&self.policy_dir).and_then(|policy| {
+            self.gateway = match &self.netns {
+                Some(name) => Netns::named(name)?.gateway_addresses()?,
+                None => Netns::current().gateway_addresses()?,
+            };
+            let index = DeviceIndex::new(&policy);
+            let compiled = self.compile(&policy, &index)?;
+            Ok((policy, index, compiled))
+        });
         let (policy, index, compiled) = match attempt {
             Ok(ok) => ok,
             Err(error) => {
