@@ -562,17 +562,14 @@ impl Agent {
 
     fn device_id(&self, number: u32) -> Option<String> {
         let compiled = self.datapath.live()?;
-        compiled
-            .device_ids
-            .get((number as usize).checked_sub(1)?)
-            .cloned()
+        compiled.device_ids.get(number).map(str::to_owned)
     }
 
     /// The number of `id` in the live compilation.
     fn device_number(&self, id: &str) -> Option<u32> {
         let number = self.device_index.by_id(&self.policy, id)?.number;
         let compiled = self.datapath.live()?;
-        (compiled.device_ids.get(number as usize - 1)? == id).then_some(number)
+        (compiled.device_ids.get(number)? == id).then_some(number)
     }
 
     fn segment_of(&self, device: &str) -> Option<&str> {

@@ -62,8 +62,7 @@ pub struct CompiledPolicy {
     pub rules: Vec<RuleRef>,
     /// Segment numbers are indices here.
     pub segment_names: Vec<String>,
-    /// Device numbers are indices + 1 here.
-    pub device_ids: Vec<String>,
+    pub device_ids: DeviceIds,
     /// How addresses were classified, kept so that one device's endpoints can be compiled
     /// again on their own (see [`CompiledPolicy::recompile_devices`]).
     classification: Classification,
@@ -72,6 +71,30 @@ pub struct CompiledPolicy {
     /// The keys of `endpoints` that are devices', by device number, so that a device's
     /// endpoints are found without a walk over all of them.
     device_endpoints: BTreeSet<(u32, AddrKey)>,
+}
+
+/// The ids of a compilation's devices by number (from 1), in one string: as a `String`
+/// each, 100k ids would take four times the bytes they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceIds {
+    text: String,
+    /// Where each id ends in `text`.
+    ends: Vec<u32>,
+}
+
+impl DeviceIds {
+    fn push(&mut self, id: &str) {
+        self.text.push_str(id);
+        self.ends.push(self.text.len() as u32);
+    }
+
+    /// The id of device `number`.
+    pub fn get(&self, number: u32) -> Option<&str> {
+        let index = (number as usize).checked_sub(1)?;
+        let end = *self.ends.get(index)? as usize;
+        let start = index.checked_sub(1).map_or(0, |i| self.ends[i] as usize);
+        Some(&self.text[start..end])
+    }
 }
 
 /// Entries to write (`Some`) or remove (`None`), map by map, in the order of the keys.
@@ -209,7 +232,7 @@ impl CompiledPolicy {
             let Some(at) = index.by_id(policy, id) else {
                 continue;
             };
-            if self.device_ids.get(at.number as usize - 1) != Some(id) {
+            if self.device_ids.get(at.number) != Some(id.as_str()) {
                 return None; // not the policy this was compiled from
             }
             numbers.insert(at.number);
@@ -455,7 +478,7 @@ pub fn compile_with(
         out.segment_names.push(segment.name.clone());
         for device in &segment.devices {
             device_number += 1;
-            out.device_ids.push(device.id.clone());
+            out.device_ids.push(&device.id);
             let learned = state.learned.get(&device.id).into_iter().flatten();
             let addresses = device.addresses.iter().chain(learned.filter(|ip| {
                 statically_bound
@@ -769,7 +792,7 @@ impl Identities {
 /// Where a device sits in a compiled policy.
 struct DevicePlace {
     segment: usize,
-    /// Its number in the datapath (index in `device_ids` + 1).
+    /// Its number in the datapath (see [`DeviceIds`]).
     number: u32,
     audit: bool,
     quarantine_segment: usize,
@@ -939,6 +962,19 @@ mod tests {
                 column: 1,
             },
         }
+    }
+
+    #[test]
+    fn device_ids_by_number() {
+        let mut ids = DeviceIds::default();
+        for id in ["cam-1", "p", "sensor-22"] {
+            ids.push(id);
+        }
+        let got: Vec<Option<&str>> = (0..5).map(|n| ids.get(n)).collect();
+        assert_eq!(
+            got,
+            [None, Some("cam-1"), Some("p"), Some("sensor-22"), None]
+        );
     }
 
     #[test]
