@@ -287,23 +287,29 @@ fn keep_heap_thresholds_fixed() {
     }
 }
 
-/// Loads the policy directory on a thread of its own and keeps a copy made on this one.
-/// glibc gives each thread a heap of its own, and parsing leaves its heap full of holes
-/// between the few blocks the policy keeps; with the policy copied out, that heap is free
-/// as a whole and goes back (see [`Agent::policy_loaded`]), so the daemon holds what the
-/// policy takes, not what parsing it took.
-fn load_policy_dir(dir: &std::path::Path) -> anyhow::Result<Policy> {
-    let loaded = std::thread::scope(|scope| {
+/// Runs `make` on a thread of its own and keeps a copy of what it made, made on this
+/// thread. glibc gives each thread a heap of its own, and parsing or compiling a big policy
+/// leaves its heap full of holes between the few blocks the result keeps; with the result
+/// copied out, that heap is free as a whole and goes back (see [`Agent::policy_loaded`]),
+/// so the daemon holds what the policy takes, not what making it took.
+fn made_apart<T: Clone + Send>(
+    make: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let made = std::thread::scope(|scope| {
         std::thread::Builder::new()
-            .name("policy-loader".into())
-            .spawn_scoped(scope, || load_dir(dir))
-            .map(|loader| loader.join())
+            .name("policy-maker".into())
+            .spawn_scoped(scope, make)
+            .map(|maker| maker.join())
     });
-    match loaded {
-        Ok(Ok(policy)) => Ok(policy?.clone()),
+    match made {
+        Ok(Ok(made)) => Ok(made?.clone()),
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(e) => Err(anyhow::Error::new(e).context("starting the policy loader thread")),
+        Err(e) => Err(anyhow::Error::new(e).context("starting a thread")),
     }
+}
+
+fn load_policy_dir(dir: &std::path::Path) -> anyhow::Result<Policy> {
+    made_apart(|| Ok(load_dir(dir)?))
 }
 
 /// The next change a watch reports; never, without a watch.
@@ -356,8 +362,9 @@ impl Agent {
 
     /// Compiles `policy`, whose devices `index` indexes.
     fn compile(&self, policy: &Policy, index: &DeviceIndex) -> anyhow::Result<CompiledPolicy> {
-        compile_with(policy, &self.gateway, &self.device_state(index))
-            .context("compiling the policy")
+        let state = self.device_state(index);
+        let gateway = &self.gateway;
+        made_apart(|| compile_with(policy, gateway, &state).context("compiling the policy"))
     }
 
     /// Learned addresses and quarantines, for the policy whose devices `index` indexes.
