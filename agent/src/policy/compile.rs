@@ -474,6 +474,7 @@ pub fn compile_with(
     let statically_bound: HashMap<IpAddr, &str> = static_addresses(policy).collect();
     let mut identities = Identities::default();
     let mut device_number = 0u32;
+    let mut device_endpoints: Vec<(AddrKey, Endpoint)> = Vec::new();
     for (s, segment) in policy.segments.iter().enumerate() {
         out.segment_names.push(segment.name.clone());
         for device in &segment.devices {
@@ -498,15 +499,20 @@ pub fn compile_with(
                 &classifier,
                 |set| Some(identities.intern(set)),
             );
-            for (k, endpoint) in entries.expect("interning always finds an identity") {
-                // An address learned by two devices is the later one's.
-                if let Some(earlier) = out.endpoints.insert(k, endpoint) {
-                    out.device_endpoints.remove(&(earlier.device, k));
-                }
-                out.device_endpoints.insert((device_number, k));
-            }
+            device_endpoints.extend(entries.expect("interning always finds an identity"));
         }
     }
+    // Maps built from all their entries at once are packed full: a third smaller than maps
+    // built one insert at a time. An address learned by two devices is the later one's: the
+    // entries are ordered so that it comes first among those of its address, and is kept.
+    device_endpoints.sort_by_key(|(k, _)| *k);
+    device_endpoints.reverse();
+    device_endpoints.dedup_by_key(|(k, _)| *k);
+    out.device_endpoints = device_endpoints
+        .iter()
+        .map(|(k, e)| (e.device, *k))
+        .collect();
+    out.endpoints = device_endpoints.into_iter().collect();
     out.segment_names.extend([
         QUARANTINE_SEGMENT_NAME.to_owned(),
         QUARANTINE_SEGMENT_NAME.to_owned(),
