@@ -2,10 +2,7 @@
 //! item carrying the place it was written, so that later stages (compiler, lint, explain,
 //! diff) can point back at the YAML.
 
-use std::{
-    collections::HashMap, fmt, net::IpAddr, ops::RangeInclusive, path::PathBuf, sync::Arc,
-    time::Duration,
-};
+use std::{fmt, net::IpAddr, ops::RangeInclusive, path::PathBuf, sync::Arc, time::Duration};
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -51,10 +48,12 @@ pub struct DeviceIndex {
     by_id: Vec<u32>,
     /// How many devices come before each segment's.
     segment_starts: Vec<u32>,
-    /// The device that has each MAC (the last one listed, should two share one).
-    by_mac: HashMap<[u8; 6], u32>,
-    /// The device that has each static address (canonical: IPv4 as IPv4).
-    statics: HashMap<IpAddr, u32>,
+    /// The device that has each MAC (the last one listed, should two share one), in the
+    /// order of the MACs. Sorted lists, not hash maps: half the memory at 100k devices.
+    by_mac: Vec<([u8; 6], u32)>,
+    /// The device that has each static address (canonical: IPv4 as IPv4), in the order of
+    /// the addresses.
+    statics: Vec<(IpAddr, u32)>,
 }
 
 impl DeviceIndex {
@@ -67,15 +66,24 @@ impl DeviceIndex {
                 let number = ids.len() as u32 + 1;
                 ids.push((&device.id, number));
                 if let Some(mac) = device.mac {
-                    index.by_mac.insert(mac.0, number);
+                    index.by_mac.push((mac.0, number));
                 }
                 for ip in &device.addresses {
-                    index.statics.insert(ip.to_canonical(), number);
+                    index.statics.push((ip.to_canonical(), number));
                 }
             }
         }
         ids.sort_unstable();
         index.by_id = ids.into_iter().map(|(_, number)| number).collect();
+        // The last device listed with a MAC comes first among those with it, and is kept.
+        index
+            .by_mac
+            .sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        index.by_mac.dedup_by_key(|(mac, _)| *mac);
+        // A policy binds an address to one device: no duplicates to drop.
+        index.statics.sort_unstable();
+        index.by_mac.shrink_to_fit();
+        index.statics.shrink_to_fit();
         index
     }
 
@@ -114,12 +122,15 @@ impl DeviceIndex {
 
     /// The device of `policy` whose MAC is `mac`.
     pub fn by_mac<'p>(&self, policy: &'p Policy, mac: [u8; 6]) -> Option<DeviceAt<'p>> {
-        self.by_number(policy, *self.by_mac.get(&mac)?)
+        let found = self.by_mac.binary_search_by_key(&mac, |(m, _)| *m).ok()?;
+        self.by_number(policy, self.by_mac[found].1)
     }
 
     /// The number of the device that has `ip` as a static address.
     pub fn static_owner(&self, ip: IpAddr) -> Option<u32> {
-        self.statics.get(&ip.to_canonical()).copied()
+        let ip = ip.to_canonical();
+        let found = self.statics.binary_search_by_key(&ip, |(a, _)| *a).ok()?;
+        Some(self.statics[found].1)
     }
 
     pub fn is_static(&self, ip: IpAddr) -> bool {
@@ -128,7 +139,7 @@ impl DeviceIndex {
 
     /// Every static address of the policy (canonical).
     pub fn static_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.statics.keys().copied()
+        self.statics.iter().map(|(ip, _)| *ip)
     }
 }
 
@@ -322,7 +333,8 @@ mod tests {
             - {id: zeta, mac: \"02:00:00:00:00:01\", addresses: [10.0.0.1]}\n\
             - {id: alpha, addresses: [\"::ffff:10.0.0.2\", 2001:db8::2]}\n---\n\
             kind: Segment\nname: empty\n---\n\
-            kind: Segment\nname: b\ndevices:\n- {id: mid, mac: \"02:00:00:00:00:03\"}\n";
+            kind: Segment\nname: b\ndevices:\n- {id: mid, mac: \"02:00:00:00:00:03\"}\n\
+            - {id: same-mac, mac: \"02:00:00:00:00:03\"}\n";
         let policy = crate::policy::load::load_str(std::path::Path::new("t.yaml"), yaml).unwrap();
         let index = DeviceIndex::new(&policy);
         let found = |id: &str| {
@@ -336,9 +348,10 @@ mod tests {
         assert_eq!(found("nobody"), None);
         assert_eq!(index.by_number(&policy, 3).unwrap().segment_index, 2);
         assert!(index.by_number(&policy, 0).is_none());
-        assert!(index.by_number(&policy, 4).is_none());
+        assert!(index.by_number(&policy, 5).is_none());
         let mac = |last: u8| index.by_mac(&policy, [2, 0, 0, 0, 0, last]);
-        assert_eq!(mac(3).unwrap().number, 3);
+        // Two devices with one MAC: the last listed has it.
+        assert_eq!(mac(3).unwrap().number, 4);
         assert!(mac(2).is_none());
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(index.static_owner(ip("10.0.0.2")), Some(2));
