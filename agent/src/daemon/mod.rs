@@ -6,7 +6,7 @@
 pub mod state;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -41,7 +41,7 @@ use crate::{
     policy::{
         compile::{addr_octets, compile_with, CompiledPolicy, DeviceState},
         load::load_dir,
-        model::{MacAddr, Policy},
+        model::{DeviceIndex, MacAddr, Policy},
     },
     quarantine::{FlowId, Observation, Triggers},
     watch::{self, Watch},
@@ -79,7 +79,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .policy
         .clone()
         .context("no policy directory: give --policy or `policy:` in the configuration file")?;
-    let policy = load_dir(&policy_dir)?;
+    keep_heap_thresholds_fixed();
+    let policy = load_policy_dir(&policy_dir)?;
     let state = state::load(&config.state_dir)?;
     let audit = AuditLog::open(
         config.audit_log.as_deref(),
@@ -101,7 +102,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let datapath_cutter = datapath.flow_cutter()?;
     let mut agent = Agent {
         gateway: netns.gateway_addresses()?,
-        statics: statics_of(&policy),
+        device_index: DeviceIndex::new(&policy),
         triggers: Triggers::new(policy.quarantine.as_ref()),
         policy,
         policy_dir,
@@ -119,7 +120,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         pending_cuts: PendingCuts::default(),
         flow_cuts: spawn_flow_cutter(datapath_cutter)?,
     };
-    let compiled = agent.compile(&agent.policy)?;
+    let compiled = agent.compile(&agent.policy, &agent.device_index)?;
     agent.install(compiled)?;
     agent.policy_loaded();
     // Leases that changed while no daemon ran: applied, cut and recorded like any change.
@@ -251,9 +252,9 @@ fn spawn_flow_cutter(
 /// The daemon's state, owned by its one task.
 struct Agent {
     policy: Policy,
+    /// Where the policy's devices are.
+    device_index: DeviceIndex,
     policy_dir: PathBuf,
-    /// Static addresses of the policy, and their devices.
-    statics: HashMap<IpAddr, String>,
     gateway: Vec<IpAddr>,
     config: DaemonConfig,
     netns: Option<String>,
@@ -272,6 +273,43 @@ struct Agent {
     pending_cuts: PendingCuts,
     /// Where they go to be deleted (see [`spawn_flow_cutter`]).
     flow_cuts: std::sync::mpsc::Sender<PendingCuts>,
+}
+
+/// glibc raises its thresholds for trimming the heap and for giving large blocks pages of
+/// their own each time a large block is freed (a policy file read, the entries of an
+/// install), after which the memory the daemon frees stays with it. Fixed at glibc's
+/// defaults, they stay put and freed memory goes back.
+fn keep_heap_thresholds_fixed() {
+    #[cfg(target_env = "gnu")]
+    for option in [libc::M_TRIM_THRESHOLD, libc::M_MMAP_THRESHOLD] {
+        // SAFETY: mallopt only changes the allocator's settings.
+        unsafe { libc::mallopt(option, 128 * 1024) };
+    }
+}
+
+/// Runs `make` on a thread of its own and keeps a copy of what it made, made on this
+/// thread. glibc gives each thread a heap of its own, and parsing or compiling a big policy
+/// leaves its heap full of holes between the few blocks the result keeps; with the result
+/// copied out, that heap is free as a whole and goes back (see [`Agent::policy_loaded`]),
+/// so the daemon holds what the policy takes, not what making it took.
+fn made_apart<T: Clone + Send>(
+    make: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let made = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("policy-maker".into())
+            .spawn_scoped(scope, make)
+            .map(|maker| maker.join())
+    });
+    match made {
+        Ok(Ok(made)) => Ok(made?.clone()),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(e) => Err(anyhow::Error::new(e).context("starting a thread")),
+    }
+}
+
+fn load_policy_dir(dir: &std::path::Path) -> anyhow::Result<Policy> {
+    made_apart(|| Ok(load_dir(dir)?))
 }
 
 /// The next change a watch reports; never, without a watch.
@@ -309,15 +347,6 @@ fn watch_policy(dir: &std::path::Path) -> anyhow::Result<Watch> {
     )?)
 }
 
-fn statics_of(policy: &Policy) -> HashMap<IpAddr, String> {
-    policy
-        .segments
-        .iter()
-        .flat_map(|s| &s.devices)
-        .flat_map(|d| d.addresses.iter().map(|a| (a.to_canonical(), d.id.clone())))
-        .collect()
-}
-
 impl Agent {
     fn mode(&self) -> &'static str {
         if self.config.audit {
@@ -331,19 +360,17 @@ impl Agent {
         self.policy.segments.iter().map(|s| s.devices.len()).sum()
     }
 
-    fn compile(&self, policy: &Policy) -> anyhow::Result<CompiledPolicy> {
-        compile_with(
-            policy,
-            &self.gateway,
-            &self.device_state(&statics_of(policy)),
-        )
-        .context("compiling the policy")
+    /// Compiles `policy`, whose devices `index` indexes.
+    fn compile(&self, policy: &Policy, index: &DeviceIndex) -> anyhow::Result<CompiledPolicy> {
+        let state = self.device_state(index);
+        let gateway = &self.gateway;
+        made_apart(|| compile_with(policy, gateway, &state).context("compiling the policy"))
     }
 
-    /// Learned addresses and quarantines, for a policy with static addresses `statics`.
-    fn device_state(&self, statics: &HashMap<IpAddr, String>) -> DeviceState {
+    /// Learned addresses and quarantines, for the policy whose devices `index` indexes.
+    fn device_state(&self, index: &DeviceIndex) -> DeviceState {
         DeviceState {
-            learned: self.bindings.by_device(statics),
+            learned: self.bindings.by_device(|a| index.is_static(a)),
             quarantined: self.state.quarantined.keys().cloned().collect(),
         }
     }
@@ -366,13 +393,12 @@ impl Agent {
     /// only their endpoints are compiled and written when the live compilation allows it,
     /// otherwise the whole policy is compiled again.
     fn refresh(&mut self, devices: &BTreeSet<String>) -> anyhow::Result<()> {
-        let state = self.device_state(&self.statics);
-        let changes = self
-            .datapath
-            .live()
-            .and_then(|live| live.recompile_devices(&self.policy, &state, devices));
+        let state = self.device_state(&self.device_index);
+        let changes = self.datapath.live().and_then(|live| {
+            live.recompile_devices(&self.policy, &self.device_index, &state, devices)
+        });
         let Some(changes) = changes else {
-            let compiled = self.compile(&self.policy)?;
+            let compiled = self.compile(&self.policy, &self.device_index)?;
             return self.install(compiled);
         };
         let installed = self.datapath.patch(&changes)?;
@@ -413,17 +439,16 @@ impl Agent {
     /// nothing: the old one keeps enforcing. `skip_unchanged`: nor does one that compiles
     /// to exactly what is in force.
     fn load_policy(&mut self, skip_unchanged: bool) -> Result<u64, String> {
-        let attempt = load_dir(&self.policy_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|policy| {
-                self.gateway = match &self.netns {
-                    Some(name) => Netns::named(name)?.gateway_addresses()?,
-                    None => Netns::current().gateway_addresses()?,
-                };
-                let compiled = self.compile(&policy)?;
-                Ok((policy, compiled))
-            });
-        let (policy, compiled) = match attempt {
+        let attempt = load_policy_dir(&self.policy_dir).and_then(|policy| {
+            self.gateway = match &self.netns {
+                Some(name) => Netns::named(name)?.gateway_addresses()?,
+                None => Netns::current().gateway_addresses()?,
+            };
+            let index = DeviceIndex::new(&policy);
+            let compiled = self.compile(&policy, &index)?;
+            Ok((policy, index, compiled))
+        });
+        let (policy, index, compiled) = match attempt {
             Ok(ok) => ok,
             Err(error) => {
                 let error = format!("{error:#}");
@@ -437,7 +462,7 @@ impl Agent {
         if skip_unchanged && self.datapath.live() == Some(&compiled) {
             return Ok(self.generation);
         }
-        self.statics = statics_of(&policy);
+        self.device_index = index;
         self.triggers = Triggers::new(policy.quarantine.as_ref());
         self.policy = policy;
         if let Err(error) = self.install(compiled) {
@@ -544,24 +569,30 @@ impl Agent {
 
     fn device_id(&self, number: u32) -> Option<String> {
         let compiled = self.datapath.live()?;
-        compiled
-            .device_ids
-            .get((number as usize).checked_sub(1)?)
-            .cloned()
+        compiled.device_ids.get(number).map(str::to_owned)
     }
 
+    /// The number of `id` in the live compilation.
     fn device_number(&self, id: &str) -> Option<u32> {
+        let number = self.device_index.by_id(&self.policy, id)?.number;
         let compiled = self.datapath.live()?;
-        let index = compiled.device_ids.iter().position(|d| d == id)?;
-        Some(index as u32 + 1)
+        (compiled.device_ids.get(number)? == id).then_some(number)
     }
 
     fn segment_of(&self, device: &str) -> Option<&str> {
-        self.policy
-            .segments
-            .iter()
-            .find(|s| s.devices.iter().any(|d| d.id == device))
-            .map(|s| s.name.as_str())
+        let at = self.device_index.by_id(&self.policy, device)?;
+        Some(&at.segment.name)
+    }
+
+    /// The device that has `address` as a static address.
+    fn static_owner(&self, address: IpAddr) -> Option<&str> {
+        let number = self.device_index.static_owner(address)?;
+        let at = self.device_index.by_number(&self.policy, number)?;
+        Some(&at.device.id)
+    }
+
+    fn is_static(&self) -> impl Fn(IpAddr) -> bool + '_ {
+        |a| self.device_index.is_static(a)
     }
 
     fn knows_device(&self, device: &str) -> Result<(), String> {
@@ -574,19 +605,17 @@ impl Agent {
     /// Every address a device has now: static, then learned.
     fn addresses_of(&self, device: &str) -> Vec<BoundAddress> {
         let statics = self
-            .policy
-            .segments
-            .iter()
-            .flat_map(|s| &s.devices)
-            .filter(|d| d.id == device)
-            .flat_map(|d| &d.addresses)
+            .device_index
+            .by_id(&self.policy, device)
+            .into_iter()
+            .flat_map(|at| &at.device.addresses)
             .map(|a| BoundAddress {
                 address: a.to_canonical(),
                 source: "static".into(),
             });
         let learned = self
             .bindings
-            .owners(&self.statics)
+            .owners(self.is_static())
             .into_iter()
             .filter(|(_, (owner, _))| owner == device)
             .map(|(address, (_, source))| BoundAddress {
@@ -707,9 +736,9 @@ impl Agent {
     /// addresses are cut, and each move is on the record.
     fn rebind(&mut self, change: impl FnOnce(&mut Bindings)) -> Result<usize, String> {
         let before_bindings = self.bindings.clone();
-        let before = self.bindings.owners(&self.statics);
+        let before = self.bindings.owners(self.is_static());
         change(&mut self.bindings);
-        let after = self.bindings.owners(&self.statics);
+        let after = self.bindings.owners(self.is_static());
         let moved = moves(&before, &after);
         if moved.is_empty() {
             return Ok(0);
@@ -748,7 +777,7 @@ impl Agent {
         self.knows_device(device)?;
         let address = address.to_canonical();
         check_bindable(address)?;
-        if let Some(owner) = self.statics.get(&address) {
+        if let Some(owner) = self.static_owner(address) {
             return if owner == device {
                 Ok(format!("{address} is already a static address of {device}"))
             } else {
@@ -772,7 +801,7 @@ impl Agent {
         let address = address.to_canonical();
         if self.bindings.binds.get(&address).map(String::as_str) != Some(device) {
             let why = match (
-                self.statics.get(&address),
+                self.static_owner(address),
                 self.bindings.leases.get(&address),
             ) {
                 (Some(owner), _) if owner == device => "it is a static address in the policy",
@@ -817,16 +846,12 @@ impl Agent {
             warn!("{}", problem.display(&path));
         }
         let now = SystemTime::now();
-        let by_mac: HashMap<[u8; 6], &str> = self
-            .policy
-            .segments
-            .iter()
-            .flat_map(|s| &s.devices)
-            .filter_map(|d| Some((d.mac?.0, d.id.as_str())))
-            .collect();
         self.bindings.leases = leases::active(&file, now)
             .into_iter()
-            .filter_map(|(address, mac)| Some((address, by_mac.get(&mac)?.to_string())))
+            .filter_map(|(address, mac)| {
+                let at = self.device_index.by_mac(&self.policy, mac)?;
+                Some((address, at.device.id.clone()))
+            })
             .collect();
         self.next_lease_expiry = file
             .leases
@@ -884,7 +909,7 @@ impl Agent {
             segments: self.policy.segments.len(),
             devices: self.device_count(),
             quarantined: self.state.quarantined.len(),
-            bound_addresses: self.bindings.owners(&self.statics).len(),
+            bound_addresses: self.bindings.owners(self.is_static()).len(),
             unknown_sources: unknown,
             uptime_seconds: self.started.elapsed().as_secs(),
             packets: counters
@@ -937,10 +962,9 @@ impl Agent {
     fn unknown_sources(&mut self) -> Result<Vec<UnknownSource>, String> {
         let seen = self.datapath.unknown_sources().map_err(|e| e.to_string())?;
         let owned: BTreeSet<IpAddr> = self
-            .statics
-            .keys()
-            .copied()
-            .chain(self.bindings.owners(&self.statics).into_keys())
+            .device_index
+            .static_addresses()
+            .chain(self.bindings.owners(self.is_static()).into_keys())
             .collect();
         let clock = MonotonicClock::now();
         let mut sources: Vec<(u64, UnknownSource)> = seen

@@ -8,7 +8,7 @@
 pub mod leases;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
@@ -49,10 +49,11 @@ pub struct Move {
 }
 
 impl Bindings {
-    /// Who owns each learned address, leaving out addresses the policy binds statically.
+    /// Who owns each learned address, leaving out the addresses that the policy binds
+    /// statically (`is_static`).
     pub fn owners(
         &self,
-        statics: &HashMap<IpAddr, String>,
+        is_static: impl Fn(IpAddr) -> bool,
     ) -> BTreeMap<IpAddr, (String, BindingSource)> {
         let leases = self
             .leases
@@ -65,17 +66,17 @@ impl Bindings {
         // Later entries win: binds over leases.
         leases
             .chain(binds)
-            .filter(|(a, _)| !statics.contains_key(a))
+            .filter(|(a, _)| !is_static(*a))
             .collect()
     }
 
     /// The learned addresses by device, as the compiler takes them.
     pub fn by_device(
         &self,
-        statics: &HashMap<IpAddr, String>,
+        is_static: impl Fn(IpAddr) -> bool,
     ) -> BTreeMap<String, BTreeSet<IpAddr>> {
         let mut out: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-        for (address, (device, _)) in self.owners(statics) {
+        for (address, (device, _)) in self.owners(is_static) {
             out.entry(device).or_default().insert(address);
         }
         out
@@ -111,13 +112,13 @@ mod tests {
 
     #[test]
     fn binds_win_over_leases_and_statics_over_both() {
-        let statics = HashMap::from([(ip("10.0.0.1"), "plc".to_string())]);
+        let is_static = |a: IpAddr| a == ip("10.0.0.1");
         let mut b = Bindings::default();
         b.leases.insert(ip("10.0.0.1"), "cam".into());
         b.leases.insert(ip("10.0.0.2"), "cam".into());
         b.binds.insert(ip("10.0.0.2"), "sensor".into());
         b.leases.insert(ip("10.0.0.3"), "cam".into());
-        let owners = b.owners(&statics);
+        let owners = b.owners(is_static);
         assert_eq!(
             owners.get(&ip("10.0.0.1")),
             None,
@@ -131,21 +132,21 @@ mod tests {
             owners.get(&ip("10.0.0.3")),
             Some(&("cam".to_string(), BindingSource::Lease))
         );
-        let by_device = b.by_device(&statics);
+        let by_device = b.by_device(is_static);
         assert_eq!(by_device["cam"], BTreeSet::from([ip("10.0.0.3")]));
     }
 
     #[test]
     fn moves_name_every_changed_owner() {
-        let statics = HashMap::new();
+        let is_static = |_| false;
         let mut b = Bindings::default();
         b.leases.insert(ip("10.0.0.5"), "a".into());
         b.leases.insert(ip("10.0.0.6"), "a".into());
-        let before = b.owners(&statics);
+        let before = b.owners(is_static);
         b.leases.insert(ip("10.0.0.5"), "b".into());
         b.leases.remove(&ip("10.0.0.6"));
         b.binds.insert(ip("10.0.0.7"), "c".into());
-        let m = moves(&before, &b.owners(&statics));
+        let m = moves(&before, &b.owners(is_static));
         let summary: Vec<_> = m
             .iter()
             .map(|m| {

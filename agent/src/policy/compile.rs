@@ -26,7 +26,9 @@ use agent_ebpf::{
 };
 use ipnet::{IpNet, Ipv6Net};
 
-use super::model::{canonical_net, Device, Location, Mode, Policy, PortSpec, Source, Target};
+use super::model::{
+    canonical_net, Device, DeviceIndex, Location, Mode, Policy, PortSpec, Source, Target,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
@@ -61,13 +63,39 @@ pub struct CompiledPolicy {
     pub rules: Vec<RuleRef>,
     /// Segment numbers are indices here.
     pub segment_names: Vec<String>,
-    /// Device numbers are indices + 1 here.
-    pub device_ids: Vec<String>,
+    pub device_ids: DeviceIds,
     /// How addresses were classified, kept so that one device's endpoints can be compiled
     /// again on their own (see [`CompiledPolicy::recompile_devices`]).
     classification: Classification,
     /// The gateway's own endpoints, which a device's address takes precedence over.
     gateway: BTreeMap<AddrKey, Endpoint>,
+    /// The keys of `endpoints` that are devices', by device number, so that a device's
+    /// endpoints are found without a walk over all of them.
+    device_endpoints: BTreeSet<(u32, AddrKey)>,
+}
+
+/// The ids of a compilation's devices by number (from 1), in one string: as a `String`
+/// each, 100k ids would take four times the bytes they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceIds {
+    text: String,
+    /// Where each id ends in `text`.
+    ends: Vec<u32>,
+}
+
+impl DeviceIds {
+    fn push(&mut self, id: &str) {
+        self.text.push_str(id);
+        self.ends.push(self.text.len() as u32);
+    }
+
+    /// The id of device `number`.
+    pub fn get(&self, number: u32) -> Option<&str> {
+        let index = (number as usize).checked_sub(1)?;
+        let end = *self.ends.get(index)? as usize;
+        let start = index.checked_sub(1).map_or(0, |i| self.ends[i] as usize);
+        Some(&self.text[start..end])
+    }
 }
 
 /// Entries to write (`Some`) or remove (`None`), map by map, in the order of the keys.
@@ -163,7 +191,18 @@ impl CompiledPolicy {
 
     /// Applies `changes` to the entries (rules and names stay as they are).
     pub fn apply(&mut self, changes: &EntryChanges) {
-        apply(&mut self.endpoints, &changes.endpoints);
+        for (k, v) in &changes.endpoints {
+            let old = match v {
+                Some(v) => self.endpoints.insert(*k, *v),
+                None => self.endpoints.remove(k),
+            };
+            if let Some(old) = old.filter(is_device) {
+                self.device_endpoints.remove(&(old.device, *k));
+            }
+            if let Some(new) = v.filter(is_device) {
+                self.device_endpoints.insert((new.device, *k));
+            }
+        }
         apply(&mut self.zones, &changes.zones);
         apply(&mut self.segments, &changes.segments);
         apply(&mut self.policy, &changes.policy);
@@ -172,76 +211,68 @@ impl CompiledPolicy {
         }
     }
 
-    /// The endpoint changes that compiling `policy` (the policy this was compiled from)
-    /// with `state` makes to the devices `devices`, whose learned addresses or quarantine
-    /// changed; everything else stays. Costs one walk over the devices and endpoints, not a
-    /// compilation. `None` when the full compilation is needed: a device's address needs an
-    /// identity this compilation does not have, or is taken from an owner not in `devices`.
+    /// The endpoint changes that compiling `policy` (the policy this was compiled from,
+    /// whose devices `index` indexes) with `state` makes to the devices `devices`, whose
+    /// learned addresses or quarantine changed; everything else stays. Costs lookups of
+    /// those devices only, not a compilation. `None` when the full compilation is needed: a
+    /// device's address needs an identity this compilation does not have, or is taken from
+    /// an owner not in `devices`.
     pub fn recompile_devices(
         &self,
         policy: &Policy,
+        index: &DeviceIndex,
         state: &DeviceState,
         devices: &BTreeSet<String>,
     ) -> Option<EntryChanges> {
-        // Learned addresses that the policy binds statically to another device are not used.
-        let learned: BTreeSet<IpAddr> = devices
-            .iter()
-            .filter_map(|d| state.learned.get(d))
-            .flatten()
-            .map(|ip| ip.to_canonical())
-            .collect();
-        let static_owners: HashMap<IpAddr, &str> = static_addresses(policy)
-            .filter(|(ip, _)| learned.contains(ip))
-            .collect();
         let identities = &self.classification.identities;
         let mut wanted = BTreeMap::new();
+        let mut current = BTreeMap::new();
         let mut numbers = BTreeSet::new();
-        let mut number = 0u32;
-        for (s, segment) in policy.segments.iter().enumerate() {
-            for device in &segment.devices {
-                number += 1;
-                if !devices.contains(&device.id) {
-                    continue;
-                }
-                if self.device_ids.get(number as usize - 1) != Some(&device.id) {
-                    return None; // not the policy this was compiled from
-                }
-                numbers.insert(number);
-                let learned = state.learned.get(&device.id).into_iter().flatten();
-                let addresses = device.addresses.iter().chain(learned.filter(|ip| {
-                    static_owners
-                        .get(&ip.to_canonical())
-                        .is_none_or(|owner| *owner == device.id)
-                }));
-                let place = DevicePlace {
-                    segment: s,
-                    number,
-                    audit: segment.mode == Mode::Audit,
-                    quarantine_segment: policy.segments.len(),
-                };
-                wanted.extend(place.endpoints(
-                    device,
-                    addresses.copied(),
-                    state.quarantined.contains(&device.id),
-                    &self.classification.classifier,
-                    |set| identities.find(set),
-                )?);
+        for id in devices {
+            // Not a device of the policy: it has no endpoints.
+            let Some(at) = index.by_id(policy, id) else {
+                continue;
+            };
+            if self.device_ids.get(at.number) != Some(id.as_str()) {
+                return None; // not the policy this was compiled from
             }
+            numbers.insert(at.number);
+            // Learned addresses that the policy binds statically to another device are not
+            // used.
+            let learned = state.learned.get(id).into_iter().flatten().filter(|ip| {
+                index
+                    .static_owner(**ip)
+                    .is_none_or(|owner| owner == at.number)
+            });
+            let place = DevicePlace {
+                segment: at.segment_index,
+                number: at.number,
+                audit: at.segment.mode == Mode::Audit,
+                quarantine_segment: policy.segments.len(),
+            };
+            wanted.extend(place.endpoints(
+                at.device,
+                at.device.addresses.iter().chain(learned).copied(),
+                state.quarantined.contains(id),
+                &self.classification.classifier,
+                |set| identities.find(set),
+            )?);
+            // Every key of device `n` lies between (n, the least key) and (n + 1, it).
+            let least = key([0; 16]);
+            current.extend(
+                self.device_endpoints
+                    .range((at.number, least)..(at.number + 1, least))
+                    .map(|&(_, k)| (k, self.endpoints[&k])),
+            );
         }
         let taken_from_others = wanted.keys().any(|k| {
             self.endpoints
                 .get(k)
-                .is_some_and(|e| !numbers.contains(&e.device) && e.flags & ENDPOINT_DEVICE != 0)
+                .is_some_and(|e| !numbers.contains(&e.device) && is_device(e))
         });
         if taken_from_others {
             return None;
         }
-        let current: BTreeMap<AddrKey, Endpoint> = self
-            .endpoints
-            .iter()
-            .filter(|(_, e)| e.flags & ENDPOINT_DEVICE != 0 && numbers.contains(&e.device))
-            .map(|(k, e)| (*k, *e))
-            .collect();
         let mut endpoints = changes(&current, &wanted);
         // An address a device gives up that is the gateway's goes back to the gateway.
         for (k, v) in &mut endpoints {
@@ -292,6 +323,11 @@ fn zone_key(net: &IpNet) -> ZoneKey {
         addr,
         ..ZoneKey::default()
     }
+}
+
+/// Whether `endpoint` is a device's (not the gateway's).
+fn is_device(endpoint: &Endpoint) -> bool {
+    endpoint.flags & ENDPOINT_DEVICE != 0
 }
 
 fn key(addr: Addr) -> AddrKey {
@@ -435,27 +471,16 @@ pub fn compile_with(
             });
         }
     }
-    let targeted: BTreeSet<Class> = grants.iter().flat_map(|g| g.peer.iter().cloned()).collect();
-    let targeted_cidrs: Vec<IpNet> = targeted
-        .iter()
-        .filter_map(|c| match c {
-            Class::Cidr(n) => Some(*n),
-            _ => None,
-        })
-        .collect();
-
+    let classifier = Classifier::new(grants.iter().flat_map(|g| g.peer.iter().cloned()).collect());
     let statically_bound: HashMap<IpAddr, &str> = static_addresses(policy).collect();
-    let classifier = Classifier {
-        targeted,
-        targeted_cidrs,
-    };
     let mut identities = Identities::default();
     let mut device_number = 0u32;
+    let mut device_endpoints: Vec<(AddrKey, Endpoint)> = Vec::new();
     for (s, segment) in policy.segments.iter().enumerate() {
         out.segment_names.push(segment.name.clone());
         for device in &segment.devices {
             device_number += 1;
-            out.device_ids.push(device.id.clone());
+            out.device_ids.push(&device.id);
             let learned = state.learned.get(&device.id).into_iter().flatten();
             let addresses = device.addresses.iter().chain(learned.filter(|ip| {
                 statically_bound
@@ -475,16 +500,26 @@ pub fn compile_with(
                 &classifier,
                 |set| Some(identities.intern(set)),
             );
-            out.endpoints
-                .extend(entries.expect("interning always finds an identity"));
+            device_endpoints.extend(entries.expect("interning always finds an identity"));
         }
     }
+    // Maps built from all their entries at once are packed full: a third smaller than maps
+    // built one insert at a time. An address learned by two devices is the later one's: the
+    // entries are ordered so that it comes first among those of its address, and is kept.
+    device_endpoints.sort_by_key(|(k, _)| *k);
+    device_endpoints.reverse();
+    device_endpoints.dedup_by_key(|(k, _)| *k);
+    out.device_endpoints = device_endpoints
+        .iter()
+        .map(|(k, e)| (e.device, *k))
+        .collect();
+    out.endpoints = device_endpoints.into_iter().collect();
     out.segment_names.extend([
         QUARANTINE_SEGMENT_NAME.to_owned(),
         QUARANTINE_SEGMENT_NAME.to_owned(),
     ]);
     for ip in gateway_addrs.iter().map(IpAddr::to_canonical) {
-        let mut classes = classifier.cidr_classes(|n| n.contains(&ip));
+        let mut classes = classifier.cidr_classes(IpNet::from(ip));
         classes.push(Class::Gateway);
         let endpoint = Endpoint {
             identity: identities.intern(classifier.targeted_set(classes)),
@@ -496,7 +531,7 @@ pub fn compile_with(
             .or_insert(endpoint);
     }
     for net in &classifier.targeted_cidrs {
-        let classes = classifier.cidr_classes(|outer| outer.contains(net));
+        let classes = classifier.cidr_classes(*net);
         out.zones.insert(
             zone_key(net),
             ZoneIdentity {
@@ -686,15 +721,49 @@ struct Classification {
 struct Classifier {
     targeted: BTreeSet<Class>,
     targeted_cidrs: Vec<IpNet>,
+    /// The prefix lengths of `targeted_cidrs`, IPv4's and IPv6's apart: the targeted CIDRs
+    /// containing an address are found with one lookup per length, not a test of each.
+    v4_lengths: BTreeSet<u8>,
+    v6_lengths: BTreeSet<u8>,
 }
 
 impl Classifier {
-    /// The targeted CIDRs that `contains` picks, as classes.
-    fn cidr_classes(&self, contains: impl Fn(&IpNet) -> bool) -> Vec<Class> {
-        self.targeted_cidrs
+    fn new(targeted: BTreeSet<Class>) -> Classifier {
+        let targeted_cidrs: Vec<IpNet> = targeted
             .iter()
-            .filter(|n| contains(n))
-            .map(|n| Class::Cidr(*n))
+            .filter_map(|c| match c {
+                Class::Cidr(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let lengths = |v4: bool| {
+            targeted_cidrs
+                .iter()
+                .filter(|n| matches!(n, IpNet::V4(_)) == v4)
+                .map(|n| n.prefix_len())
+                .collect()
+        };
+        Classifier {
+            v4_lengths: lengths(true),
+            v6_lengths: lengths(false),
+            targeted_cidrs,
+            targeted,
+        }
+    }
+
+    /// The targeted CIDRs that contain `net` (of its own family: an IPv6 CIDR contains no
+    /// IPv4 address), as classes; an address is the CIDR of its full length.
+    fn cidr_classes(&self, net: IpNet) -> Vec<Class> {
+        let lengths = match net {
+            IpNet::V4(_) => &self.v4_lengths,
+            IpNet::V6(_) => &self.v6_lengths,
+        };
+        lengths
+            .range(..=net.prefix_len())
+            .filter_map(|&len| {
+                let outer = Class::Cidr(IpNet::new(net.addr(), len).ok()?.trunc());
+                self.targeted.contains(&outer).then_some(outer)
+            })
             .collect()
     }
 
@@ -733,7 +802,7 @@ impl Identities {
 /// Where a device sits in a compiled policy.
 struct DevicePlace {
     segment: usize,
-    /// Its number in the datapath (index in `device_ids` + 1).
+    /// Its number in the datapath (see [`DeviceIds`]).
     number: u32,
     audit: bool,
     quarantine_segment: usize,
@@ -769,7 +838,7 @@ impl DevicePlace {
                         IDENTITY_QUARANTINED,
                     )
                 } else {
-                    let mut classes = classifier.cidr_classes(|n| n.contains(&ip));
+                    let mut classes = classifier.cidr_classes(IpNet::from(ip));
                     classes.extend([
                         Class::Segment(self.segment),
                         Class::Device(self.number as usize - 1),
@@ -908,6 +977,19 @@ mod tests {
     }
 
     #[test]
+    fn device_ids_by_number() {
+        let mut ids = DeviceIds::default();
+        for id in ["cam-1", "p", "sensor-22"] {
+            ids.push(id);
+        }
+        let got: Vec<Option<&str>> = (0..5).map(|n| ids.get(n)).collect();
+        assert_eq!(
+            got,
+            [None, Some("cam-1"), Some("p"), Some("sensor-22"), None]
+        );
+    }
+
+    #[test]
     fn port_ranges_become_minimal_prefixes() {
         assert_eq!(port_prefixes(&spec(8883, 8883)), vec![(8883, 16)]);
         assert_eq!(port_prefixes(&spec(0, 65535)), vec![(0, 0)]);
@@ -993,6 +1075,7 @@ mod tests {
             allow: [{to: plant, ports: [any]}, {to: a1, ports: [22/tcp]}]\n---\n\
             kind: Quarantine\nallow: [{to: plant, ports: [443/tcp]}]\n";
         let policy = crate::policy::load::load_str(std::path::Path::new("t.yaml"), yaml).unwrap();
+        let index = DeviceIndex::new(&policy);
         let gateway: Vec<IpAddr> = vec!["10.1.0.254".parse().unwrap()];
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let learned = |pairs: &[(&str, &str)]| -> BTreeMap<String, BTreeSet<IpAddr>> {
@@ -1033,7 +1116,7 @@ mod tests {
                 .collect();
             let mut patched = compile_with(&policy, &gateway, before).unwrap();
             let full = compile_with(&policy, &gateway, after).unwrap();
-            let Some(changes) = patched.recompile_devices(&policy, after, &touched) else {
+            let Some(changes) = patched.recompile_devices(&policy, &index, after, &touched) else {
                 continue;
             };
             patched_steps += 1;

@@ -10,7 +10,7 @@
 //! file. Only a policy without errors is returned.
 
 use std::{
-    collections::{btree_map::Entry, BTreeMap, HashMap, HashSet},
+    collections::{btree_map::Entry, hash_map, BTreeMap, HashMap, HashSet},
     fmt, fs, io,
     net::IpAddr,
     ops::RangeInclusive,
@@ -185,6 +185,16 @@ struct RawDevice {
     mac: Option<MacAddr>,
     addresses: Vec<(IpAddr, Location)>,
     location: Location,
+}
+
+impl RawDevice {
+    /// The device as error messages name it.
+    fn label(&self) -> String {
+        match &self.id {
+            Some(id) => format!("device {:?}", id.name),
+            None => format!("the device at {}", self.location),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -1224,21 +1234,21 @@ impl fmt::Display for NameKind {
     }
 }
 
-struct DeviceDef {
-    segment: Option<String>,
-    location: Location,
+struct DeviceDef<'d> {
+    segment: Option<&'d str>,
+    location: &'d Location,
 }
 
-/// Every name in the policy, for resolving references.
+/// Every name in the policy, for resolving references; borrowed from the documents.
 #[derive(Default)]
-struct Names {
+struct Names<'d> {
     /// Segment and zone names share one namespace.
-    names: BTreeMap<String, (NameKind, Location)>,
-    devices: BTreeMap<String, DeviceDef>,
+    names: BTreeMap<&'d str, (NameKind, &'d Location)>,
+    devices: HashMap<&'d str, DeviceDef<'d>>,
 }
 
-impl Names {
-    fn collect(docs: &[RawDoc], diags: &mut Diagnostics) -> Names {
+impl<'d> Names<'d> {
+    fn collect(docs: &'d [RawDoc], diags: &mut Diagnostics) -> Names<'d> {
         let mut names = Names::default();
         for doc in docs {
             let (kind, named) = match doc {
@@ -1247,9 +1257,9 @@ impl Names {
                 RawDoc::Quarantine(_) => continue,
             };
             let Some(named) = named else { continue };
-            match names.names.entry(named.name.clone()) {
+            match names.names.entry(&named.name) {
                 Entry::Vacant(v) => {
-                    v.insert((kind, named.location.clone()));
+                    v.insert((kind, &named.location));
                 }
                 Entry::Occupied(o) => {
                     let (first_kind, first) = o.get();
@@ -1271,7 +1281,8 @@ impl Names {
         }
         // Device ids after all segment and zone names, so that a clash is found whatever the
         // order of the files.
-        let mut addresses: HashMap<IpAddr, (usize, String, Location)> = HashMap::new();
+        // Each address with its device (its place among all devices, and itself).
+        let mut addresses: HashMap<IpAddr, (usize, &RawDevice, &Location)> = HashMap::new();
         let all_devices = docs
             .iter()
             .filter_map(|doc| match doc {
@@ -1281,7 +1292,7 @@ impl Names {
             .flat_map(|s| s.devices.iter().map(move |d| (s, d)));
         for (owner, (segment, device)) in all_devices.enumerate() {
             if let Some(id) = &device.id {
-                if let Some((kind, location)) = names.names.get(&id.name) {
+                if let Some((kind, location)) = names.names.get(id.name.as_str()) {
                     diags.error(
                         id.location.clone(),
                         format!(
@@ -1291,14 +1302,14 @@ impl Names {
                         ),
                     );
                 }
-                match names.devices.entry(id.name.clone()) {
-                    Entry::Vacant(v) => {
+                match names.devices.entry(&id.name) {
+                    hash_map::Entry::Vacant(v) => {
                         v.insert(DeviceDef {
-                            segment: segment.name.as_ref().map(|n| n.name.clone()),
-                            location: id.location.clone(),
+                            segment: segment.name.as_ref().map(|n| n.name.as_str()),
+                            location: &id.location,
                         });
                     }
-                    Entry::Occupied(o) => diags.error(
+                    hash_map::Entry::Occupied(o) => diags.error(
                         id.location.clone(),
                         format!(
                             "duplicate device id {:?} (first defined at {})",
@@ -1308,24 +1319,24 @@ impl Names {
                     ),
                 }
             }
-            let label = match &device.id {
-                Some(id) => format!("device {:?}", id.name),
-                None => format!("the device at {}", device.location),
-            };
             for (ip, location) in &device.addresses {
                 // `::ffff:10.0.0.1` is the same host as `10.0.0.1`.
                 match addresses.entry(ip.to_canonical()) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert((owner, label.clone(), location.clone()));
+                    hash_map::Entry::Vacant(v) => {
+                        v.insert((owner, device, location));
                     }
-                    std::collections::hash_map::Entry::Occupied(o) => {
-                        let (first_owner, first_label, first) = o.get();
-                        let message = if *first_owner == owner {
-                            format!("address {ip} is listed twice for {label} (first at {first})")
+                    hash_map::Entry::Occupied(o) => {
+                        let (first_owner, first_device, first) = *o.get();
+                        let message = if first_owner == owner {
+                            format!(
+                                "address {ip} is listed twice for {} (first at {first})",
+                                device.label()
+                            )
                         } else {
                             format!(
-                                "address {ip} is already bound to {first_label} (at {first}); \
-                                 an address belongs to one device"
+                                "address {ip} is already bound to {} (at {first}); an address \
+                                 belongs to one device",
+                                first_device.label()
                             )
                         };
                         diags.error(location.clone(), message);
@@ -1334,6 +1345,13 @@ impl Names {
             }
         }
         names
+    }
+
+    /// The device ids in order, for suggestions (a tie goes to the first).
+    fn device_ids(&self) -> Vec<&'d str> {
+        let mut ids: Vec<&str> = self.devices.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn kind_of(&self, name: &str) -> Option<NameKind> {
@@ -1362,8 +1380,8 @@ impl Names {
         let candidates = self
             .names
             .keys()
-            .chain(self.devices.keys())
-            .map(String::as_str)
+            .copied()
+            .chain(self.device_ids())
             .chain(["gateway"]);
         let hint = did_you_mean(suggest(name, candidates));
         diags.error(
@@ -1403,7 +1421,7 @@ impl Names {
                         .names
                         .iter()
                         .filter(|(_, (kind, _))| *kind == NameKind::Zone)
-                        .map(|(n, _)| n.as_str());
+                        .map(|(n, _)| *n);
                     let hint = did_you_mean(suggest(name, zones));
                     format!("unknown source {name:?}{hint}; {only}")
                 }
@@ -1421,7 +1439,7 @@ impl Names {
         let message = match self.kind_of(name) {
             Some(kind) => format!("{name:?} is a {kind}; \"exempt\" lists device ids"),
             None => {
-                let hint = did_you_mean(suggest(name, self.devices.keys().map(String::as_str)));
+                let hint = did_you_mean(suggest(name, self.device_ids()));
                 format!("unknown device {name:?} in \"exempt\"{hint}")
             }
         };
@@ -1429,43 +1447,90 @@ impl Names {
         None
     }
 
-    fn allow_rules(&self, rules: Vec<RawRule>, diags: &mut Diagnostics) -> Vec<AllowRule> {
-        rules
-            .into_iter()
-            .filter_map(|rule| {
-                Some(AllowRule {
-                    to: self.target(&rule.target, diags)?,
-                    ports: rule.ports,
-                    location: rule.location,
-                })
-            })
-            .collect()
+    /// What the rules of `doc` name, resolved (`None`: reported).
+    fn resolve(&self, doc: &RawDoc, diags: &mut Diagnostics) -> Resolved {
+        let targets = |rules: &[RawRule], diags: &mut Diagnostics| -> Vec<Option<Target>> {
+            rules
+                .iter()
+                .map(|r| self.target(&r.target, diags))
+                .collect()
+        };
+        match doc {
+            RawDoc::Segment(s) => Resolved {
+                allow: targets(&s.allow, diags),
+                accept: s
+                    .accept
+                    .iter()
+                    .map(|r| self.source(&r.target, diags))
+                    .collect(),
+                exempt: Vec::new(),
+            },
+            RawDoc::Quarantine(q) => Resolved {
+                allow: targets(&q.allow, diags),
+                accept: Vec::new(),
+                exempt: q
+                    .exempt
+                    .iter()
+                    .filter_map(|d| self.exempt(d, diags))
+                    .collect(),
+            },
+            RawDoc::Zone(_) => Resolved::default(),
+        }
     }
+}
 
-    fn accept_rules(&self, rules: Vec<RawRule>, diags: &mut Diagnostics) -> Vec<AcceptRule> {
-        rules
-            .into_iter()
-            .filter_map(|rule| {
-                Some(AcceptRule {
-                    from: self.source(&rule.target, diags)?,
-                    ports: rule.ports,
-                    location: rule.location,
-                })
+/// A document's references, resolved: one target per allow rule, one source per accept
+/// rule (`None` where it failed), and the exempt devices.
+#[derive(Default)]
+struct Resolved {
+    allow: Vec<Option<Target>>,
+    accept: Vec<Option<Source>>,
+    exempt: Vec<String>,
+}
+
+fn allow_rules(rules: Vec<RawRule>, targets: Vec<Option<Target>>) -> Vec<AllowRule> {
+    rules
+        .into_iter()
+        .zip(targets)
+        .filter_map(|(rule, to)| {
+            Some(AllowRule {
+                to: to?,
+                ports: rule.ports,
+                location: rule.location,
             })
-            .collect()
-    }
+        })
+        .collect()
+}
+
+fn accept_rules(rules: Vec<RawRule>, sources: Vec<Option<Source>>) -> Vec<AcceptRule> {
+    rules
+        .into_iter()
+        .zip(sources)
+        .filter_map(|(rule, from)| {
+            Some(AcceptRule {
+                from: from?,
+                ports: rule.ports,
+                location: rule.location,
+            })
+        })
+        .collect()
 }
 
 /// Resolves all references and builds the policy. The result is only meaningful when no
 /// errors were reported: parts that failed are left out.
 fn assemble(docs: Vec<RawDoc>, diags: &mut Diagnostics) -> Policy {
-    let names = Names::collect(&docs, diags);
+    // References are resolved while the names borrow the documents, which are then taken
+    // apart into the policy.
+    let resolved: Vec<Resolved> = {
+        let names = Names::collect(&docs, diags);
+        docs.iter().map(|doc| names.resolve(doc, diags)).collect()
+    };
     let mut policy = Policy::default();
-    for doc in docs {
+    for (doc, resolved) in docs.into_iter().zip(resolved) {
         match doc {
             RawDoc::Segment(s) => {
-                let allow = names.allow_rules(s.allow, diags);
-                let accept = names.accept_rules(s.accept, diags);
+                let allow = allow_rules(s.allow, resolved.allow);
+                let accept = accept_rules(s.accept, resolved.accept);
                 let devices = s
                     .devices
                     .into_iter()
@@ -1500,13 +1565,9 @@ fn assemble(docs: Vec<RawDoc>, diags: &mut Diagnostics) -> Policy {
                 }
             }
             RawDoc::Quarantine(q) => {
-                // Resolve even a second one, to report its own problems too.
-                let allow = names.allow_rules(q.allow, diags);
-                let exempt = q
-                    .exempt
-                    .iter()
-                    .filter_map(|device| names.exempt(device, diags))
-                    .collect();
+                // Resolved even when it is a second one, to report its own problems too.
+                let allow = allow_rules(q.allow, resolved.allow);
+                let exempt = resolved.exempt;
                 if let Some(first) = &policy.quarantine {
                     diags.error(
                         q.location,
