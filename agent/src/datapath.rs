@@ -20,7 +20,7 @@ use agent_ebpf::{
 };
 use std::{
     fs,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -736,40 +736,91 @@ impl Datapath {
         changes: &EntryChanges,
         generation: u8,
     ) -> Result<(), DatapathError> {
-        let mut endpoints = self.hash::<AddrKey, Endpoint>(MAP_ENDPOINTS)?;
-        for (k, v) in &changes.endpoints {
-            let k = AddrKey { generation, ..*k };
-            match v {
-                Some(v) => endpoints.insert(k, v, 0).map_err(map_err(MAP_ENDPOINTS))?,
-                None => drop(endpoints.remove(&k)),
-            }
-        }
-        let mut segments = self.hash::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS)?;
-        for (k, v) in &changes.segments {
-            let k = SegmentKey { generation, ..*k };
-            match v {
-                Some(v) => segments.insert(k, v, 0).map_err(map_err(MAP_SEGMENTS))?,
-                None => drop(segments.remove(&k)),
-            }
-        }
-        let mut policy = self.hash::<PolicyKey, PolicyValue>(MAP_POLICY)?;
-        for (k, v) in &changes.policy {
-            let k = PolicyKey { generation, ..*k };
-            match v {
-                Some(v) => policy.insert(k, v, 0).map_err(map_err(MAP_POLICY))?,
-                None => drop(policy.remove(&k)),
-            }
-        }
-        let mut zones = self.hash::<ZoneKey, ZoneIdentity>(MAP_ZONE_PREFIXES)?;
-        for (k, v) in &changes.zones {
-            let k = ZoneKey { generation, ..*k };
-            match v {
-                Some(v) => zones.insert(k, v, 0).map_err(map_err(MAP_ZONE_PREFIXES))?,
-                None => drop(zones.remove(&k)),
-            }
-        }
+        self.write_batch(
+            MAP_ENDPOINTS,
+            changes
+                .endpoints
+                .iter()
+                .map(|(k, v)| (AddrKey { generation, ..*k }, *v)),
+        )?;
+        self.write_batch(
+            MAP_SEGMENTS,
+            changes
+                .segments
+                .iter()
+                .map(|(k, v)| (SegmentKey { generation, ..*k }, *v)),
+        )?;
+        self.write_batch(
+            MAP_POLICY,
+            changes
+                .policy
+                .iter()
+                .map(|(k, v)| (PolicyKey { generation, ..*k }, *v)),
+        )?;
+        self.write_batch(
+            MAP_ZONE_PREFIXES,
+            changes
+                .zones
+                .iter()
+                .map(|(k, v)| (ZoneKey { generation, ..*k }, *v)),
+        )?;
         if let Some(lengths) = &changes.zone_lengths {
             self.set_zone_lengths(generation, lengths)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `changes` (a key and its new value, or `None`: remove it) into hash map
+    /// `name`, with one bpf(2) call for the updates and one for the removals, not one per
+    /// entry: at 100k devices an install is some 100k entries per generation slot, and a
+    /// syscall each was most of its time.
+    fn write_batch<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        changes: impl Iterator<Item = (K, Option<V>)>,
+    ) -> Result<(), DatapathError> {
+        // Typed first: checks that K and V are the map's key and value.
+        self.hash::<K, V>(name)?;
+        let Some(Map::HashMap(map)) = self.ebpf.map(name) else {
+            return Err(DatapathError::Missing(name));
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        let (mut keys, mut values, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, v) in changes {
+            match v {
+                Some(v) => {
+                    keys.push(k);
+                    values.push(v);
+                }
+                None => removed.push(k),
+            }
+        }
+        let batch_err = |source| DatapathError::Map {
+            map: name,
+            source: MapError::SyscallError(source),
+        };
+        let mut done = 0;
+        while done < keys.len() {
+            done += batch(
+                BPF_MAP_UPDATE_BATCH,
+                fd,
+                &keys[done..],
+                Some(&values[done..]),
+            )
+            .map_err(|e| batch_err(e.source))?;
+        }
+        let mut done = 0;
+        while done < removed.len() {
+            match batch::<K, V>(BPF_MAP_DELETE_BATCH, fd, &removed[done..], None) {
+                Ok(n) => done += n,
+                // Removing an entry that is not there (never written) is not an error:
+                // the call stopped at it, having removed `processed` before it.
+                Err(BatchError {
+                    processed,
+                    source: e,
+                }) if e.io_error.raw_os_error() == Some(libc::ENOENT) => done += processed + 1,
+                Err(BatchError { source, .. }) => return Err(batch_err(source)),
+            }
         }
         Ok(())
     }
@@ -1037,4 +1088,51 @@ mod legacy {
             source,
         })
     }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// A batch call that failed after `processed` elements.
+struct BatchError {
+    processed: usize,
+    source: aya::sys::SyscallError,
+}
+
+/// One BPF_MAP_UPDATE_BATCH (with `values`) or BPF_MAP_DELETE_BATCH of `keys` on the map
+/// `fd`; how many elements it processed (the kernel may stop early, as for a signal).
+fn batch<K: Pod, V: Pod>(
+    cmd: libc::c_long,
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> Result<usize, BatchError> {
+    // bpf_attr's batch member: in_batch, out_batch, keys, values, count, map_fd,
+    // elem_flags, flags.
+    let mut attr = [0u64; 7];
+    attr[2] = keys.as_ptr() as u64;
+    attr[3] = values.map_or(0, |v| v.as_ptr() as u64);
+    attr[4] = u64::from(keys.len() as u32) | (fd as u64) << 32;
+    // SAFETY: `attr` is a valid bpf_attr prefix for the command; `keys` and `values` are
+    // arrays of `count` plain-data keys and values of the map's sizes (checked by the typed
+    // map the caller made), alive for the call; the kernel writes only `count`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    let processed = (attr[4] & u64::from(u32::MAX)) as usize;
+    if r < 0 {
+        return Err(BatchError {
+            processed,
+            source: aya::sys::SyscallError {
+                call: "bpf_map_batch",
+                io_error: std::io::Error::last_os_error(),
+            },
+        });
+    }
+    Ok(processed)
 }

@@ -17,6 +17,7 @@ use std::{
 };
 
 use agent_ebpf::{
+    maps::{v4_mapped, AddrKey},
     parse::{parse, Packet, Parsed, MAX_IPV6_EXT_HEADERS},
     verdict::Reason::{self, *},
 };
@@ -25,7 +26,7 @@ use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use segward::{
     datapath::{Hook, TestRun},
     policy::{
-        compile::{compile_with, CompiledPolicy, DeviceState},
+        compile::{compile_with, CompiledPolicy, DeviceState, EntryChanges},
         load::load_str,
     },
 };
@@ -1202,4 +1203,33 @@ fn etherparse_reading(bytes: &[u8]) -> String {
         other => panic!("unexpected transport {other:?}"),
     };
     format!("{src} {dst} {protocol} {detail:?} {dport}")
+}
+
+/// An install's removals go to the kernel in one batch, which stops at an entry that is
+/// not there: the entries after it must still go.
+#[test]
+fn a_removal_of_an_absent_entry_does_not_stop_the_others() {
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(compiled(&DeviceState::default()))
+        .expect("installing the policy");
+    let key = |ip: [u8; 4]| AddrKey {
+        generation: 0,
+        _pad: [0; 3],
+        addr: v4_mapped(ip),
+    };
+    let changes = EntryChanges {
+        // In this order: the absent one first.
+        endpoints: vec![(key([10, 0, 0, 1]), None), (key([10, 20, 1, 11]), None)],
+        ..EntryChanges::default()
+    };
+    kernel.datapath.patch(&changes).expect("patching");
+    let frame = tcp(V4.t1, V4.broker, 40000, 8883).mac(T1_MAC).bytes();
+    let verdict = kernel.run(FROM, &frame).expect("a test run");
+    assert_eq!(
+        verdict,
+        Drop(UnknownDevice).verdict(),
+        "temp-001's endpoint is still there"
+    );
 }
