@@ -11,10 +11,10 @@ use agent_ebpf::{
     maps::{
         Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, FlowEntry, FlowKey,
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
-        ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, FLOW_OPENER,
-        MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS,
-        MAP_FRAGMENTS, MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS,
-        MAP_ZONE_PREFIXES, PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG,
+        MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
+        MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS, MAP_ZONE_PREFIXES,
+        PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -524,13 +524,14 @@ impl Datapath {
         Ok(remove_where(&mut self.hash::<K, V>(name)?, doomed))
     }
 
-    /// Tracked flows (live or idle but not yet evicted): their reply entries, not the
-    /// opener entries that cache the verdicts of some.
-    pub fn tracked_flows(&mut self) -> Result<usize, DatapathError> {
+    /// Entries in the flow table (live or idle but not yet evicted), against its capacity
+    /// `MAX_TRACKED_FLOWS`: a flow's reply entry, and its opener entry once it is answered.
+    /// Keys only: a scrape walks the whole table on the daemon's loop.
+    pub fn flow_entries(&mut self) -> Result<usize, DatapathError> {
         Ok(self
             .hash::<FlowKey, FlowEntry>(MAP_CONNTRACK)?
-            .iter()
-            .filter(|entry| matches!(entry, Ok((_, e)) if e.flags & FLOW_OPENER == 0))
+            .keys()
+            .filter(Result::is_ok)
             .count())
     }
 

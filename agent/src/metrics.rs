@@ -72,7 +72,7 @@ impl Collector for Snapshot {
         let gauge = ConstGauge::new(self.conntrack_entries as i64);
         gauge.encode(encoder.encode_descriptor(
             "segward_conntrack_entries",
-            "Tracked flows",
+            "Entries of the flow table (a reply entry per tracked flow, and an opener entry per answered one)",
             None,
             gauge.metric_type(),
         )?)?;

@@ -115,7 +115,7 @@ fn pins_of_the_release_before_flow_epochs_are_taken_over() {
 
     let mut datapath = Datapath::load_pinned(dir.path())
         .unwrap_or_else(|e| panic!("the new release refused the old pins: {e}"));
-    assert_eq!(datapath.tracked_flows().expect("counting flows"), 1);
+    assert_eq!(datapath.flow_entries().expect("counting flows"), 1);
     drop(datapath);
 
     let config: Array<MapData, Config> = Array::try_from(Map::Array(

@@ -497,7 +497,7 @@ impl Agent {
             ],
             generation: self.generation,
             reloads: vec![("ok", self.reloads_ok), ("rejected", self.reloads_rejected)],
-            conntrack_entries: self.datapath.tracked_flows().unwrap_or(0) as u64,
+            conntrack_entries: self.datapath.flow_entries().unwrap_or(0) as u64,
             events_suppressed: self.datapath.events_suppressed().unwrap_or(0)
                 + self.audit.suppressed(),
         }
