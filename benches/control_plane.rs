@@ -229,8 +229,8 @@ pub fn run(options: &Options) -> Result<Section> {
          writes it can take tens of ms), and sharing two cores with the benchmark."
             .into(),
         "Loading 100k devices is dominated by parsing ~8 MB of YAML into a tree with \
-         positions (saphyr, one file per core) and by installing it, one bpf(2) call per entry \
-         and generation slot. The daemon parses and compiles on a thread of its own and keeps \
+         positions (saphyr, one file per core) and by installing it: one batched bpf(2) call per \
+         map and generation slot, the kernel inserting each entry. The daemon parses and compiles on a thread of its own and keeps \
          copies, so that the memory this took goes back; what it keeps at 100k devices is \
          about 11 MiB of policy model, 10 MiB of compiled entries and 4 MiB of device index, \
          over the ~15 MiB it takes with any policy. A leaner model (interned strings, no \
