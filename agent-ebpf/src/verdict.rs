@@ -331,11 +331,11 @@ fn decide_from_device<T: Tables>(
         Parsed::Ip(flow) => (&flow.src, &flow.src_mac),
         Parsed::Fragment(fragment) => (&fragment.src, &fragment.src_mac),
     };
-    let mut decision = Decision::new(Reason::Reply);
+    let mut cached = Decision::new(Reason::Reply);
     let tracked = match packet {
         Parsed::Ip(flow) if flow.related.is_none() && !is_essential(flow) => {
-            match own_entry(tables, config, flow, Some(src_mac), now_ns, &mut decision) {
-                OwnEntry::Passes => return decision,
+            match own_entry(tables, config, flow, Some(src_mac), now_ns, &mut cached) {
+                OwnEntry::Passes => return cached,
                 OwnEntry::Stale => true,
                 OwnEntry::Absent => false,
             }
@@ -425,13 +425,13 @@ fn decide_to_device<T: Tables>(
         Parsed::Ip(flow) => &flow.dst,
         Parsed::Fragment(fragment) => &fragment.dst,
     };
-    let mut decision = Decision::new(Reason::Reply);
+    let mut cached = Decision::new(Reason::Reply);
     let tracked = match packet {
         Parsed::Ip(flow)
             if !from_device_iface && flow.related.is_none() && !is_essential_reply(flow) =>
         {
-            match own_entry(tables, config, flow, None, now_ns, &mut decision) {
-                OwnEntry::Passes => return decision,
+            match own_entry(tables, config, flow, None, now_ns, &mut cached) {
+                OwnEntry::Passes => return cached,
                 OwnEntry::Stale => true,
                 OwnEntry::Absent => false,
             }

@@ -515,15 +515,6 @@ impl Datapath {
         })
     }
 
-    /// Removes the entries of hash map `name` that `doomed` picks.
-    fn remove_where<K: Pod, V: Pod>(
-        &mut self,
-        name: &'static str,
-        doomed: impl Fn(&K, &V) -> bool,
-    ) -> Result<usize, DatapathError> {
-        Ok(remove_where(&mut self.hash::<K, V>(name)?, doomed))
-    }
-
     /// Entries in the flow table (live or idle but not yet evicted), against its capacity
     /// `MAX_TRACKED_FLOWS`: a flow's reply entry, and its opener entry once it is answered.
     /// Keys only: a scrape walks the whole table on the daemon's loop.
@@ -828,15 +819,33 @@ impl Datapath {
 
     /// Removes every entry of `generation`, whatever wrote it.
     fn clear_generation(&mut self, generation: u8) -> Result<(), DatapathError> {
-        self.remove_where::<AddrKey, Endpoint>(MAP_ENDPOINTS, |k, _| k.generation == generation)?;
-        self.remove_where::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS, |k, _| {
+        self.remove_keys_where::<AddrKey, Endpoint>(MAP_ENDPOINTS, |k| k.generation == generation)?;
+        self.remove_keys_where::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS, |k| {
             k.generation == generation
         })?;
-        self.remove_where::<PolicyKey, PolicyValue>(MAP_POLICY, |k, _| k.generation == generation)?;
-        self.remove_where::<ZoneKey, ZoneIdentity>(MAP_ZONE_PREFIXES, |k, _| {
+        self.remove_keys_where::<PolicyKey, PolicyValue>(MAP_POLICY, |k| {
+            k.generation == generation
+        })?;
+        self.remove_keys_where::<ZoneKey, ZoneIdentity>(MAP_ZONE_PREFIXES, |k| {
             k.generation == generation
         })?;
         self.set_zone_lengths(generation, &ZoneLengths::default())
+    }
+
+    /// Removes the entries of hash map `name` whose keys `doomed` picks: a walk over the
+    /// keys, then one batch (a restarted daemon's first install clears a whole slot).
+    fn remove_keys_where<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        doomed: impl Fn(&K) -> bool,
+    ) -> Result<(), DatapathError> {
+        let keys: Vec<K> = self
+            .hash::<K, V>(name)?
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| doomed(k))
+            .collect();
+        self.write_batch::<K, V>(name, keys.into_iter().map(|k| (k, None)))
     }
 
     fn hash<K: Pod, V: Pod>(
