@@ -28,7 +28,7 @@ pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
 pub const MAP_OVER_LIMIT: &str = "OVER_LIMIT";
-/// Every map, for pinning.
+/// Every map, for pinning (the programs' `CLOCK` cache is theirs alone, and starts empty).
 pub const ALL_MAPS: [&str; 14] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,

@@ -14,6 +14,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use agent_ebpf::{
@@ -1231,5 +1232,44 @@ fn a_removal_of_an_absent_entry_does_not_stop_the_others() {
         verdict,
         Drop(UnknownDevice).verdict(),
         "temp-001's endpoint is still there"
+    );
+}
+
+/// Idle flows expire on the kernel's clock, and replies keep them alive: the clock that the
+/// programs read (cached per tick, see `now` in the program) moves.
+#[test]
+fn idle_flows_expire_and_replies_keep_them_alive() {
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(compiled(&DeviceState::default()))
+        .expect("installing the policy");
+    // Entries refresh at most once a second, so a timeout must be longer to be kept alive.
+    let timeout = Duration::from_secs(2);
+    let secs = timeout.as_secs() as u32;
+    kernel
+        .datapath
+        .set_timeouts(secs, secs, secs)
+        .expect("setting the timeouts");
+    let query = udp(V4.t1, V4.ntp, 40003, 123).mac(T1_MAC).bytes();
+    let reply = udp(V4.ntp, V4.t1, 123, 40003).bytes();
+    let mut verdict = |hook, frame: &[u8]| kernel.run(hook, frame).expect("a test run");
+    assert_eq!(verdict(FROM, &query), Pass(Allowed).verdict(), "the query");
+    // Twice the timeout, a reply every quarter of it.
+    let started = Instant::now();
+    while started.elapsed() < 2 * timeout {
+        std::thread::sleep(timeout / 4);
+        assert_eq!(
+            verdict(UPLINK, &reply),
+            Pass(Reply).verdict(),
+            "a reply {:?} after the query, each within a quarter of the timeout of the last",
+            started.elapsed()
+        );
+    }
+    std::thread::sleep(timeout + Duration::from_millis(500));
+    assert_eq!(
+        verdict(UPLINK, &reply),
+        Drop(DefaultDeny).verdict(),
+        "a reply after the flow was idle longer than its timeout"
     );
 }
