@@ -3,13 +3,13 @@
 
 use agent_ebpf::{
     maps::{
-        addr_halves, is_v4_mapped, mask_addr, Addr, AddrKey, Config, DatagramEntry, DatagramKey,
-        Endpoint, Event, EventRate, FlowEntry, FlowKey, OverLimit, PolicyKey, PolicyValue,
-        SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity, ZoneKey, ZoneLengths,
-        CONFIG_REPORT_NEW_FLOWS, EVENTS_BYTES, EVENTS_PER_SOURCE_PER_SECOND, GENERATIONS,
-        HOOK_FROM_DEVICE, HOOK_TO_DEVICE, MAX_DEVICE_IFACES, MAX_ENDPOINTS, MAX_EVENT_SOURCES,
-        MAX_POLICY_ENTRIES, MAX_SEGMENTS, MAX_TRACKED_DATAGRAMS, MAX_TRACKED_FLOWS,
-        MAX_UNKNOWN_SOURCES, MAX_ZONE_PREFIXES,
+        addr_halves, device_iface_slot, is_v4_mapped, mask_addr, Addr, AddrKey, Config,
+        DatagramEntry, DatagramKey, Endpoint, Event, EventRate, FlowEntry, FlowKey, OverLimit,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
+        ZoneKey, ZoneLengths, CONFIG_REPORT_NEW_FLOWS, DEVICE_IFACE_SLOT_COUNT, EVENTS_BYTES,
+        EVENTS_PER_SOURCE_PER_SECOND, GENERATIONS, HOOK_FROM_DEVICE, HOOK_TO_DEVICE,
+        MAX_DEVICE_IFACES, MAX_ENDPOINTS, MAX_EVENT_SOURCES, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
+        MAX_TRACKED_DATAGRAMS, MAX_TRACKED_FLOWS, MAX_UNKNOWN_SOURCES, MAX_ZONE_PREFIXES,
     },
     parse::{parse, Packet, Parsed},
     verdict::{
@@ -55,6 +55,9 @@ static UNKNOWN_SOURCES: LruHashMap<UnknownKey, UnknownSeen> =
 /// Interface indexes (in the gateway's namespace) of the device-facing interfaces.
 #[map]
 static DEVICE_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICE_IFACES, 0);
+/// `DEVICE_IFACES` direct-mapped (see [`DEVICE_IFACE_SLOT_COUNT`]).
+#[map]
+static DEVICE_IFACE_SLOTS: Array<u32> = Array::with_max_entries(DEVICE_IFACE_SLOT_COUNT, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 /// Drops and audited would-be drops, for the daemon's audit log.
@@ -386,7 +389,7 @@ pub fn segward_to_device(ctx: TcContext) -> i32 {
     let packet = unsafe { Packet::from_raw(ctx.data(), ctx.data_end()) };
     // SAFETY: reading a field of the context the kernel handed us.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let from_device_iface = unsafe { DEVICE_IFACES.get(&ingress).is_some() };
+    let from_device_iface = is_device_iface(ingress);
     let now = now();
     let parsed = parse(&packet);
     let decision = match &parsed {
@@ -403,6 +406,16 @@ pub fn segward_to_device(ctx: TcContext) -> i32 {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT
+    }
+}
+
+/// Is `ifindex` a device-facing interface? One array slot answers, unless it sends us to
+/// `DEVICE_IFACES` (0: see [`DEVICE_IFACE_SLOT_COUNT`]).
+#[inline(always)]
+fn is_device_iface(ifindex: u32) -> bool {
+    match DEVICE_IFACE_SLOTS.get(device_iface_slot(ifindex)).copied() {
+        Some(0) | None => unsafe { DEVICE_IFACES.get(&ifindex).is_some() },
+        Some(slot) => slot == ifindex,
     }
 }
 

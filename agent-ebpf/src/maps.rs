@@ -23,13 +23,14 @@ pub const MAP_POLICY: &str = "POLICY";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_DEVICE_IFACES: &str = "DEVICE_IFACES";
+pub const MAP_DEVICE_IFACE_SLOTS: &str = "DEVICE_IFACE_SLOTS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
 pub const MAP_OVER_LIMIT: &str = "OVER_LIMIT";
 /// Every map, for pinning (the programs' `CLOCK` cache is theirs alone, and starts empty).
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,
     MAP_OVER_LIMIT,
@@ -44,6 +45,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_COUNTERS,
     MAP_CONNTRACK,
     MAP_DEVICE_IFACES,
+    MAP_DEVICE_IFACE_SLOTS,
 ];
 
 /// Capacities per generation; the maps hold two generations.
@@ -64,6 +66,20 @@ pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 /// Sources seen on device-facing interfaces that no device owns (LRU), for the inventory.
 pub const MAX_UNKNOWN_SOURCES: u32 = 4_096;
 pub const MAX_DEVICE_IFACES: u32 = 256;
+/// `DEVICE_IFACES` direct-mapped, so that the tc hook asks an array (which the verifier
+/// inlines) rather than a hash whether a packet came in on a device-facing interface. Slot
+/// [`device_iface_slot`] holds the one device-facing interface index that maps there,
+/// [`NO_DEVICE_IFACE`] if none does, or 0 if the answer is in `DEVICE_IFACES`: when two
+/// map there, and in a map not yet written (as after an upgrade).
+pub const DEVICE_IFACE_SLOT_COUNT: u32 = 256;
+/// A slot no device-facing interface maps to (no interface index is this large).
+pub const NO_DEVICE_IFACE: u32 = u32::MAX;
+
+/// The `DEVICE_IFACE_SLOTS` slot of interface index `ifindex`.
+#[inline(always)]
+pub const fn device_iface_slot(ifindex: u32) -> u32 {
+    ifindex % DEVICE_IFACE_SLOT_COUNT
+}
 /// Ring buffer for events to the daemon, bytes (a power of two, page aligned).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Sources whose event rate is tracked (LRU).

@@ -9,12 +9,13 @@
 
 use agent_ebpf::{
     maps::{
-        Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event, FlowEntry, FlowKey,
-        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
-        ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT, CONFIG_REPORT_NEW_FLOWS, MAP_CONFIG,
-        MAP_CONNTRACK, MAP_COUNTERS, MAP_DEVICE_IFACES, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
+        device_iface_slot, Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event,
+        FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey,
+        UnknownSeen, ZoneIdentity, ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT,
+        CONFIG_REPORT_NEW_FLOWS, DEVICE_IFACE_SLOT_COUNT, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
+        MAP_DEVICE_IFACES, MAP_DEVICE_IFACE_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
         MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS, MAP_ZONE_PREFIXES,
-        PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        NO_DEVICE_IFACE, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -376,10 +377,7 @@ impl Datapath {
                     name: format!("{iface} ({e})"),
                 })
             })?;
-        let mut ifaces: HashMap<&mut MapData, u32, u32> = self.hash(MAP_DEVICE_IFACES)?;
-        ifaces
-            .insert(ifindex, 1, 0)
-            .map_err(map_err(MAP_DEVICE_IFACES))?;
+        self.add_device_ifindex(ifindex)?;
 
         let pins = self.pins.as_ref().map(|dir| dir.join("links"));
         let pin = |hook: &str| {
@@ -456,13 +454,31 @@ impl Datapath {
         Ok(detached)
     }
 
-    /// Marks `ifindex` as device-facing without attaching anything to it, so that
-    /// [`Datapath::test_run`] can judge frames that came in on a device-facing interface
-    /// (`Hook::ToDevice { ingress_ifindex }`) without a real interface. For tests.
+    /// Marks `ifindex` as device-facing (attaching does too, and nothing else), so that
+    /// the tc hook passes what came in on it as judged at XDP already. Tests use it to
+    /// judge such frames with [`Datapath::test_run`] (`Hook::ToDevice { ingress_ifindex }`)
+    /// without a real interface.
     pub fn add_device_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        self.hash::<u32, u32>(MAP_DEVICE_IFACES)?
+        let mut ifaces = self.hash::<u32, u32>(MAP_DEVICE_IFACES)?;
+        ifaces
             .insert(ifindex, 1, 0)
-            .map_err(map_err(MAP_DEVICE_IFACES))
+            .map_err(map_err(MAP_DEVICE_IFACES))?;
+        let ifindexes = ifaces
+            .keys()
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(map_err(MAP_DEVICE_IFACES))?;
+        let mut slots: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_DEVICE_IFACE_SLOTS)
+                .ok_or(DatapathError::Missing(MAP_DEVICE_IFACE_SLOTS))?,
+        )
+        .map_err(map_err(MAP_DEVICE_IFACE_SLOTS))?;
+        for (slot, value) in device_iface_slots(&ifindexes).into_iter().enumerate() {
+            slots
+                .set(slot as u32, value, 0)
+                .map_err(map_err(MAP_DEVICE_IFACE_SLOTS))?;
+        }
+        Ok(())
     }
 
     /// Whole-agent audit mode (SPEC §2.6).
@@ -961,6 +977,17 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
         path: path.into(),
         source: std::io::Error::other(e),
     })
+}
+
+/// The `DEVICE_IFACE_SLOTS` values for the device-facing interfaces `ifindexes`: each
+/// slot holds the one that maps there, or 0 (ask `DEVICE_IFACES`) if several do.
+fn device_iface_slots(ifindexes: &[u32]) -> Vec<u32> {
+    let mut slots = vec![NO_DEVICE_IFACE; DEVICE_IFACE_SLOT_COUNT as usize];
+    for &ifindex in ifindexes {
+        let slot = &mut slots[device_iface_slot(ifindex) as usize];
+        *slot = if *slot == NO_DEVICE_IFACE { ifindex } else { 0 };
+    }
+    slots
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use agent_ebpf::{
-    maps::{v4_mapped, AddrKey},
+    maps::{v4_mapped, AddrKey, DEVICE_IFACE_SLOT_COUNT},
     parse::{parse, Packet, Parsed, MAX_IPV6_EXT_HEADERS},
     verdict::Reason::{self, *},
 };
@@ -1272,4 +1272,56 @@ fn idle_flows_expire_and_replies_keep_them_alive() {
         Drop(DefaultDeny).verdict(),
         "a reply after the flow was idle longer than its timeout"
     );
+}
+
+/// The tc hook knows device-facing interfaces from one array slot per interface index, or,
+/// where two share a slot, from the hash of them all: frames that came in on any of them
+/// were judged at XDP and pass; an interface that only shares a slot with them is not one.
+#[test]
+fn device_facing_interfaces_are_known_whichever_slot_they_share() {
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(compiled(&DeviceState::default()))
+        .expect("installing the policy");
+    let slots = DEVICE_IFACE_SLOT_COUNT;
+    // DEVICE_IFINDEX's slot is shared by a second one; another holds one alone.
+    let (shared, alone) = (DEVICE_IFINDEX + slots, DEVICE_IFINDEX + 1);
+    for ifindex in [shared, alone] {
+        kernel
+            .datapath
+            .add_device_ifindex(ifindex)
+            .expect("marking an interface device-facing");
+    }
+    let frame = tcp(V4.world, V4.broker, 40011, 9999).bytes();
+    let cases = [
+        (
+            DEVICE_IFINDEX,
+            Pass(Forwarded),
+            "device-facing, sharing its slot",
+        ),
+        (shared, Pass(Forwarded), "device-facing, sharing its slot"),
+        (alone, Pass(Forwarded), "device-facing, alone in its slot"),
+        (
+            DEVICE_IFINDEX + 2 * slots,
+            Drop(DefaultDeny),
+            "in the shared slot, not device-facing",
+        ),
+        (
+            alone + slots,
+            Drop(DefaultDeny),
+            "in a one-interface slot, not device-facing",
+        ),
+        (UPLINK_IFINDEX, Drop(DefaultDeny), "the uplink"),
+    ];
+    let failures: Vec<String> = cases
+        .into_iter()
+        .filter_map(|(ingress_ifindex, expect, what)| {
+            let verdict = kernel.run(Hook::ToDevice { ingress_ifindex }, &frame);
+            (verdict != Ok(expect.verdict())).then(|| {
+                format!("ifindex {ingress_ifindex} ({what}): expected {expect:?}, got {verdict:?}")
+            })
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
