@@ -71,6 +71,43 @@ static EVENT_RATE: LruHashMap<Addr, EventRate> = LruHashMap::with_max_entries(MA
 #[map]
 static OVER_LIMIT: PerCpuArray<OverLimit> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU, flow entries that passed a packet lately, direct-mapped by a hash of the
+/// tuple: `Tables::recent`. The flow table's lookup is a hash of a 40-byte key and three
+/// calls in the kernel; this one is inlined. Per CPU, so that no other CPU writes a slot
+/// while a packet reads it (a torn slot could pair one flow's tuple with another's entry).
+/// Not pinned: a new program's starts empty.
+#[map]
+static RECENT_FLOWS: PerCpuArray<RecentFlow> = PerCpuArray::with_max_entries(RECENT_FLOW_SLOTS, 0);
+
+/// Slots per CPU (64 bytes each): flows beyond that many share slots, and take turns.
+const RECENT_FLOW_SLOTS: u32 = 4096;
+
+#[repr(C)]
+struct RecentFlow {
+    key: FlowKey,
+    entry: FlowEntry,
+}
+
+/// The slot of `key`: a multiplicative hash of the parts that tell flows apart most.
+#[inline(always)]
+fn recent_slot(key: &FlowKey) -> u32 {
+    let [src, dst] = [&key.src, &key.dst].map(|addr| addr_halves(addr)[1] as u32);
+    let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+    let mixed = src ^ dst.rotate_left(16) ^ ports ^ u32::from(key.protocol);
+    mixed.wrapping_mul(0x9e37_79b1) >> (32 - RECENT_FLOW_SLOTS.trailing_zeros())
+}
+
+/// Are `a` and `b` the same key? Compared as five words: `==` on them would be `memcmp`,
+/// which BPF has only as a byte loop.
+#[inline(always)]
+fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    const { assert!(size_of::<FlowKey>() == 40 && align_of::<FlowKey>() == 8) };
+    // SAFETY: same size and alignment, and every byte of a FlowKey is initialised (explicit
+    // padding).
+    let [a, b] = [a, b].map(|key| unsafe { &*(key as *const FlowKey).cast::<[u64; 5]>() });
+    (0..5).fold(0, |differ, i| differ | (a[i] ^ b[i])) == 0
+}
+
 /// The coarse clock's last reading and the tick it was read in (see [`now`]).
 #[map]
 static CLOCK: Array<TickClock> = Array::with_max_entries(1, 0);
@@ -157,6 +194,24 @@ impl Tables for MapTables {
                 true
             }
             None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn recent(&self, key: &FlowKey) -> Option<FlowEntry> {
+        let slot = RECENT_FLOWS.get_ptr(recent_slot(key))?;
+        // SAFETY: this CPU's slot, which nothing else writes while we run.
+        unsafe { same_key(&(*slot).key, key).then(|| (*slot).entry) }
+    }
+
+    #[inline(always)]
+    fn remember(&self, key: &FlowKey, entry: &FlowEntry) {
+        if let Some(slot) = RECENT_FLOWS.get_ptr_mut(recent_slot(key)) {
+            // SAFETY: as above.
+            unsafe {
+                (*slot).key = *key;
+                (*slot).entry = *entry;
+            }
         }
     }
 

@@ -47,6 +47,12 @@ pub trait Tables {
     /// Changes the flow entry `key` in place, if it is there (true): an entry removed in
     /// the meantime (a quarantine cut) must stay removed.
     fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool;
+    /// The flow entry `key` as [`Tables::remember`] left it when it last passed a packet,
+    /// if it is still at hand: a cache that spares a packet the flow table's lookup (the
+    /// kernel keeps one per CPU; the host none).
+    fn recent(&self, key: &FlowKey) -> Option<FlowEntry>;
+    /// Keeps `entry`, which just passed a packet of `key`, at hand for [`Tables::recent`].
+    fn remember(&self, key: &FlowKey, entry: &FlowEntry);
     /// The fragmented datagram `key`, if its first fragment passed.
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry>;
     /// Lets the other fragments of datagram `key` pass.
@@ -585,12 +591,43 @@ fn own_entry<T: Tables>(
     passed: &mut Decision,
 ) -> OwnEntry {
     let key = flow_key(flow);
-    let Some(entry) = tables.tracked(&key) else {
+    // An entry that passed a packet of this flow less than a second ago was there, checked
+    // and live then; the table is asked again (and refreshed) once a second.
+    if let Some(entry) = tables.recent(&key) {
+        let idle = now_ns.saturating_sub(entry.last_seen_ns);
+        if idle < REFRESH_NS.min(timeout_ns(config, flow.protocol))
+            && checked_for(config, &entry, sender_mac)
+        {
+            return passes_on(&entry, passed);
+        }
+    }
+    let Some(mut entry) = tables.tracked(&key) else {
         return OwnEntry::Absent;
     };
-    if entry.epoch != config.epoch || entry.epoch == 0 {
+    let idle = now_ns.saturating_sub(entry.last_seen_ns);
+    if !checked_for(config, &entry, sender_mac) || idle >= timeout_ns(config, flow.protocol) {
         return OwnEntry::Stale;
     }
+    // Timeouts count in seconds: refreshing more often than once a second is waste.
+    if idle > REFRESH_NS {
+        let _ = tables.update(&key, |e| e.last_seen_ns = now_ns);
+        // An opener's packets keep its replies' entry alive too; without it (evicted), the
+        // full judgement tracks the replies again.
+        if entry.flags & FLOW_OPENER != 0
+            && !tables.update(&reply_key(flow), |e| e.last_seen_ns = now_ns)
+        {
+            return OwnEntry::Stale;
+        }
+        entry.last_seen_ns = now_ns;
+    }
+    tables.remember(&key, &entry);
+    passes_on(&entry, passed)
+}
+
+/// Was `entry` checked in this epoch, for packets from a device with source MAC
+/// `sender_mac` (XDP), or towards one (tc, `None`)?
+#[inline(always)]
+fn checked_for(config: &Config, entry: &FlowEntry, sender_mac: Option<&[u8; 6]>) -> bool {
     let checked_here = match sender_mac {
         Some(mac) => {
             entry.flags & FLOW_FROM_DEVICE != 0
@@ -598,22 +635,14 @@ fn own_entry<T: Tables>(
         }
         None => entry.flags & FLOW_FROM_DEVICE == 0,
     };
-    let idle = now_ns.saturating_sub(entry.last_seen_ns);
-    if !checked_here || idle >= timeout_ns(config, flow.protocol) {
-        return OwnEntry::Stale;
-    }
-    let opener = entry.flags & FLOW_OPENER != 0;
-    // Timeouts count in seconds: refreshing more often than once a second is waste.
-    if idle > REFRESH_NS {
-        let _ = tables.update(&key, |e| e.last_seen_ns = now_ns);
-        // An opener's packets keep its replies' entry alive too; without it (evicted), the
-        // full judgement tracks the replies again.
-        if opener && !tables.update(&reply_key(flow), |e| e.last_seen_ns = now_ns) {
-            return OwnEntry::Stale;
-        }
-    }
+    checked_here && entry.epoch == config.epoch && entry.epoch != 0
+}
+
+/// Writes into `passed` the decision of a packet that passes on `entry`.
+#[inline(always)]
+fn passes_on(entry: &FlowEntry, passed: &mut Decision) -> OwnEntry {
     passed.device = entry.device;
-    if opener {
+    if entry.flags & FLOW_OPENER != 0 {
         passed.reason = Reason::Allowed;
     }
     OwnEntry::Passes

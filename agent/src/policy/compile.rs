@@ -952,6 +952,12 @@ impl Tables for CompiledPolicy {
         false
     }
 
+    fn recent(&self, _key: &FlowKey) -> Option<FlowEntry> {
+        None
+    }
+
+    fn remember(&self, _key: &FlowKey, _entry: &FlowEntry) {}
+
     fn datagram(&self, _key: &DatagramKey) -> Option<DatagramEntry> {
         None
     }

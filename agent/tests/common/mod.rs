@@ -626,6 +626,13 @@ impl Tables for HostTables<'_> {
         self.flows.borrow_mut().get_mut(key).map(change).is_some()
     }
 
+    /// None: the host reference judges every packet from its flow table.
+    fn recent(&self, _key: &FlowKey) -> Option<FlowEntry> {
+        None
+    }
+
+    fn remember(&self, _key: &FlowKey, _entry: &FlowEntry) {}
+
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry> {
         self.datagrams.borrow().get(key).copied()
     }
