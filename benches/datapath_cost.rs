@@ -31,6 +31,8 @@ struct Class {
     passes: bool,
     /// The frames of run `k` (runs use different devices).
     frame: fn(&Scale, u32) -> Frames,
+    /// Run with the whole agent in audit mode.
+    audit: bool,
 }
 
 const XDP: Hook = Hook::FromDevice;
@@ -52,6 +54,14 @@ fn from_device(scale: &Scale, k: u32, sport: u16, dst: IpAddr, dport: u16) -> Fr
     frames::tcp(addr, dst, sport, dport).mac(mac)
 }
 
+/// Run `k`'s denied flow: to the allowed host, on a port no rule allows.
+fn denied(scale: &Scale, k: u32) -> Frames {
+    (
+        from_device(scale, k, 40_000, allowed_host(scale), 9999).bytes(),
+        Vec::new(),
+    )
+}
+
 /// A host in the first zone that segment 0's first rule allows (port 1000/tcp).
 fn allowed_host(scale: &Scale) -> IpAddr {
     let (zone, port, proto) = &scale::segment_rules(scale, 0)[0];
@@ -63,12 +73,13 @@ fn allowed_host(scale: &Scale) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(u32::from(scale::zone_cidr(2 * z)) + 10))
 }
 
-const CLASSES: [Class; 7] = [
+const CLASSES: [Class; 8] = [
     Class {
         name: "reply (device answers a tracked flow)",
         hook: XDP,
         passes: true,
         // Segment 0 may open 1001/udp to segment 1: device b answers device a.
+        audit: false,
         frame: |scale, k| {
             let ((a, a_mac), (b, b_mac)) = (device_of(scale, 0, k), device_of(scale, 1, k));
             let open = frames::udp(a, b, 40_000, 1001).mac(a_mac);
@@ -79,6 +90,7 @@ const CLASSES: [Class; 7] = [
         name: "reply to a device (tc, from the uplink)",
         hook: TC_FROM_UPLINK,
         passes: true,
+        audit: false,
         frame: |scale, k| {
             let open = from_device(scale, k, 40_000, allowed_host(scale), 1000);
             (open.reply().bytes(), vec![(open.bytes(), XDP)])
@@ -89,6 +101,7 @@ const CLASSES: [Class; 7] = [
         hook: XDP,
         passes: true,
         // Opened, answered, and judged once more, which caches the verdict.
+        audit: false,
         frame: |scale, k| {
             let open = from_device(scale, k, 40_001, allowed_host(scale), 1000);
             let setup = vec![
@@ -104,6 +117,7 @@ const CLASSES: [Class; 7] = [
         hook: XDP,
         passes: true,
         // A flow no reply answers: every repeat is judged in full.
+        audit: false,
         frame: |scale, k| {
             (
                 from_device(scale, k, 40_002, allowed_host(scale), 1000).bytes(),
@@ -115,17 +129,22 @@ const CLASSES: [Class; 7] = [
         name: "denied",
         hook: XDP,
         passes: false,
-        frame: |scale, k| {
-            (
-                from_device(scale, k, 40_000, allowed_host(scale), 9999).bytes(),
-                Vec::new(),
-            )
-        },
+        audit: false,
+        // Repeats of one denied flow: after the first, its drop is kept (`RecentDrop`).
+        frame: denied,
+    },
+    Class {
+        name: "denied, judged in full (audit mode: a would-be drop is never kept)",
+        hook: XDP,
+        passes: true,
+        audit: true,
+        frame: denied,
     },
     Class {
         name: "unknown source",
         hook: XDP,
         passes: false,
+        audit: false,
         frame: |scale, k| {
             let stranger = IpAddr::V4(Ipv4Addr::new(10, 200, 0, k as u8));
             (
@@ -138,6 +157,7 @@ const CLASSES: [Class; 7] = [
         name: "malformed (IP total length beyond the frame)",
         hook: XDP,
         passes: false,
+        audit: false,
         frame: |scale, k| {
             let mut f = from_device(scale, k, 40_000, allowed_host(scale), 1000).bytes();
             f.truncate(frames::ETH_HLEN + 20 + 10);
@@ -188,6 +208,7 @@ pub fn run(options: &Options) -> Result<Section> {
             .install(compiled)
             .context("installing the policy")?;
         for (class, costs) in CLASSES.iter().zip(&mut costs) {
+            datapath.set_audit(class.audit)?;
             costs.push(class_cost(&datapath, scale, class, repeat, runs)?);
         }
     }
@@ -215,7 +236,7 @@ pub fn run(options: &Options) -> Result<Section> {
             1.3,
             "×",
         ));
-        if class.name.starts_with("reply") || class.name == "denied" {
+        if class.name.starts_with("reply") || class.name.starts_with("denied") {
             targets.push(Target::at_most(
                 format!("{}: largest scale / floor", class.name),
                 largest / floor,

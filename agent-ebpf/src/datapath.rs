@@ -13,13 +13,13 @@ use agent_ebpf::{
     },
     parse::{parse, Packet, Parsed},
     verdict::{
-        drop_reason, judge_from_device, judge_to_device, Decision, Reason, Tables,
+        drop_reason, judge_from_device, judge_to_device, Decision, Reason, RecentDrop, Tables,
         COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
     },
 };
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -71,7 +71,7 @@ static EVENT_RATE: LruHashMap<Addr, EventRate> = LruHashMap::with_max_entries(MA
 #[map]
 static OVER_LIMIT: PerCpuArray<OverLimit> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU, flow entries that passed a packet lately, direct-mapped by a hash of the
+/// Per CPU, flow entries as the table gave them lately, direct-mapped by a hash of the
 /// tuple: `Tables::recent`. The flow table's lookup is a hash of a 40-byte key and three
 /// calls in the kernel; this one is inlined. Per CPU, so that no other CPU writes a slot
 /// while a packet reads it (a torn slot could pair one flow's tuple with another's entry).
@@ -88,13 +88,60 @@ struct RecentFlow {
     entry: FlowEntry,
 }
 
-/// The slot of `key`: a multiplicative hash of the parts that tell flows apart most.
+/// Per CPU, drops of flows judged in full, direct-mapped as `RECENT_FLOWS`:
+/// `Tables::recent_drop`. Not pinned.
+#[map]
+static RECENT_DROPS: PerCpuArray<RecentDropSlot> =
+    PerCpuArray::with_max_entries(RECENT_DROP_SLOTS, 0);
+
+/// Slots per CPU (~90 bytes each): a flood is of few flows.
+const RECENT_DROP_SLOTS: u32 = 1024;
+
+#[repr(C)]
+struct RecentDropSlot {
+    key: FlowKey,
+    drop: RecentDrop,
+}
+
+/// Per `RECENT_DROPS` slot, a stamp of the programs' last write to a `CONNTRACK` entry whose
+/// key maps there (`Tables::flow_writes`): this CPU's number and its count of such writes,
+/// so that no two writes leave the same stamp. Not pinned.
+#[map]
+static FLOW_WRITE_STAMPS: Array<u64> = Array::with_max_entries(RECENT_DROP_SLOTS, 0);
+
+/// Per CPU, its count of writes to `CONNTRACK` (see `FLOW_WRITE_STAMPS`).
+#[map]
+static FLOW_WRITE_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Stamps a write to the `CONNTRACK` entry `key`, after it: a recent drop of a flow
+/// whose key maps to the same slot is judged again (`RecentDrop`).
 #[inline(always)]
-fn recent_slot(key: &FlowKey) -> u32 {
+fn stamp_flow_write(key: &FlowKey) {
+    let (Some(count), Some(stamp)) = (
+        FLOW_WRITE_COUNT.get_ptr_mut(0),
+        FLOW_WRITE_STAMPS.get_ptr_mut(recent_slot(key, RECENT_DROP_SLOTS)),
+    ) else {
+        return;
+    };
+    // SAFETY: this CPU's count; the stamp is an aligned word, stored whole. Readers load
+    // the stamp before the flow table, so one that saw the old stamp judges again (x86
+    // keeps stores in order; elsewhere the drop's second bounds what a reordering costs).
+    unsafe {
+        *count += 1;
+        // SAFETY: a plain helper call.
+        let cpu = u64::from(bpf_get_smp_processor_id());
+        *stamp = (cpu << 48) | (*count & ((1 << 48) - 1));
+    }
+}
+
+/// The slot of `key` in an array of `slots` (a power of two): a multiplicative hash of the
+/// parts that tell flows apart most.
+#[inline(always)]
+fn recent_slot(key: &FlowKey, slots: u32) -> u32 {
     let [src, dst] = [&key.src, &key.dst].map(|addr| addr_halves(addr)[1] as u32);
     let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
     let mixed = src ^ dst.rotate_left(16) ^ ports ^ u32::from(key.protocol);
-    mixed.wrapping_mul(0x9e37_79b1) >> (32 - RECENT_FLOW_SLOTS.trailing_zeros())
+    mixed.wrapping_mul(0x9e37_79b1) >> (32 - slots.trailing_zeros())
 }
 
 /// Are `a` and `b` the same key? Compared as five words: `==` on them would be `memcmp`,
@@ -176,13 +223,24 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn tracked(&self, key: &FlowKey) -> Option<FlowEntry> {
-        unsafe { CONNTRACK.get(key).copied() }
+        let entry = CONNTRACK.get_ptr(key)?;
+        if let Some(slot) = RECENT_FLOWS.get_ptr_mut(recent_slot(key, RECENT_FLOW_SLOTS)) {
+            // SAFETY: this CPU's slot, which nothing else writes while we run; the entry is
+            // plain data.
+            unsafe {
+                (*slot).key = *key;
+                (*slot).entry = *entry;
+            }
+        }
+        // SAFETY: as above.
+        Some(unsafe { *entry })
     }
 
     #[inline(always)]
     fn track(&self, key: &FlowKey, entry: &FlowEntry) {
         // A full LRU evicts the oldest flow; a failed insert only costs a reply re-judged.
         let _ = CONNTRACK.insert(key, entry, 0);
+        stamp_flow_write(key);
     }
 
     #[inline(always)]
@@ -191,6 +249,7 @@ impl Tables for MapTables {
             // SAFETY: plain data; a racing writer can at worst store a similar change.
             Some(entry) => {
                 change(unsafe { &mut *entry });
+                stamp_flow_write(key);
                 true
             }
             None => false,
@@ -199,18 +258,35 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn recent(&self, key: &FlowKey) -> Option<FlowEntry> {
-        let slot = RECENT_FLOWS.get_ptr(recent_slot(key))?;
+        let slot = RECENT_FLOWS.get_ptr(recent_slot(key, RECENT_FLOW_SLOTS))?;
         // SAFETY: this CPU's slot, which nothing else writes while we run.
         unsafe { same_key(&(*slot).key, key).then(|| (*slot).entry) }
     }
 
     #[inline(always)]
-    fn remember(&self, key: &FlowKey, entry: &FlowEntry) {
-        if let Some(slot) = RECENT_FLOWS.get_ptr_mut(recent_slot(key)) {
+    fn flow_writes(&self, key: &FlowKey) -> u64 {
+        FLOW_WRITE_STAMPS
+            .get(recent_slot(key, RECENT_DROP_SLOTS))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn recent_drop(&self, key: &FlowKey, holds: impl FnOnce(&RecentDrop) -> bool) -> bool {
+        let Some(slot) = RECENT_DROPS.get_ptr(recent_slot(key, RECENT_DROP_SLOTS)) else {
+            return false;
+        };
+        // SAFETY: this CPU's slot, which nothing else writes while we run.
+        unsafe { same_key(&(*slot).key, key) && holds(&(*slot).drop) }
+    }
+
+    #[inline(always)]
+    fn remember_drop(&self, key: &FlowKey, drop: &RecentDrop) {
+        if let Some(slot) = RECENT_DROPS.get_ptr_mut(recent_slot(key, RECENT_DROP_SLOTS)) {
             // SAFETY: as above.
             unsafe {
                 (*slot).key = *key;
-                (*slot).entry = *entry;
+                (*slot).drop = *drop;
             }
         }
     }
@@ -316,14 +392,20 @@ fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
         bump(COUNTER_EVENTS_SUPPRESSED);
         return;
     }
-    let mut event = Event {
+    // Written in place in the ring buffer: an `Event` built on the stack first would cost
+    // this function's frame its 64 bytes, and the hooks' stack is tight (512 in all).
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump(COUNTER_EVENTS_SUPPRESSED);
+        return;
+    };
+    let event = entry.write(Event {
         ts_ns: now_ns,
         reason: decision.reason as u8,
         audited: decision.audited as u8,
         hook,
         device: decision.device,
         ..Event::default()
-    };
+    });
     match parsed {
         Parsed::Arp {
             sender_ip,
@@ -347,9 +429,7 @@ fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
             event.mac = fragment.src_mac;
         }
     }
-    if EVENTS.output::<Event>(&event, 0).is_err() {
-        bump(COUNTER_EVENTS_SUPPRESSED);
-    }
+    entry.submit(0);
 }
 
 /// Counts an event of `source` against its limit; false if it is over.

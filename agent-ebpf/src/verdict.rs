@@ -40,19 +40,28 @@ pub trait Tables {
     fn zone(&self, key: &AddrKey) -> Option<ZoneIdentity>;
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy>;
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
-    /// The flow entry of packets that look like `key`.
+    /// The flow entry of packets that look like `key`. The kernel also keeps it at hand for
+    /// [`Tables::recent`], as it is now.
     fn tracked(&self, key: &FlowKey) -> Option<FlowEntry>;
     /// Adds or replaces the flow entry of packets that look like `key`.
     fn track(&self, key: &FlowKey, entry: &FlowEntry);
     /// Changes the flow entry `key` in place, if it is there (true): an entry removed in
     /// the meantime (a quarantine cut) must stay removed.
     fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool;
-    /// The flow entry `key` as [`Tables::remember`] left it when it last passed a packet,
-    /// if it is still at hand: a cache that spares a packet the flow table's lookup (the
-    /// kernel keeps one per CPU; the host none).
+    /// The flow entry `key` as [`Tables::tracked`] last found it, if it is still at hand: a
+    /// cache that spares a packet the flow table's lookup (the kernel keeps one per CPU;
+    /// the host none). It may be older than the table's: the caller says how old it takes.
     fn recent(&self, key: &FlowKey) -> Option<FlowEntry>;
-    /// Keeps `entry`, which just passed a packet of `key`, at hand for [`Tables::recent`].
-    fn remember(&self, key: &FlowKey, entry: &FlowEntry);
+    /// A stamp of the last write (add, change) to the flow entry of `key`, which changes
+    /// with every such write (and may with writes to others): a [`RecentDrop`] holds only
+    /// while it has not changed (the host: 0, never written).
+    fn flow_writes(&self, key: &FlowKey) -> u64;
+    /// Whether `holds` says so of the drop of a packet of `key` that
+    /// [`Tables::remember_drop`] left, if it is still at hand (the kernel keeps some per
+    /// CPU; the host none). Read in place: a copy would cost the hooks' stack frames.
+    fn recent_drop(&self, key: &FlowKey, holds: impl FnOnce(&RecentDrop) -> bool) -> bool;
+    /// Keeps `drop`, just decided for a packet of `key`, at hand for [`Tables::recent_drop`].
+    fn remember_drop(&self, key: &FlowKey, drop: &RecentDrop);
     /// The fragmented datagram `key`, if its first fragment passed.
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry>;
     /// Lets the other fragments of datagram `key` pass.
@@ -198,18 +207,22 @@ impl Reason {
     }
 }
 
-/// The outcome for one packet.
+/// The outcome for one packet. Without implicit padding: a copy of one (into a
+/// [`RecentDrop`], or out of it) must define every byte, or BPF code may store a register
+/// that was never written, which the verifier refuses.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub reason: Reason,
-    /// A would-be drop that audit mode lets pass.
-    pub audited: bool,
     /// The matching policy entry's rule (0 when no rule decided).
     pub rule: u32,
     /// The source device (0 when unknown).
     pub device: u32,
+    /// A would-be drop that audit mode lets pass.
+    pub audited: bool,
     /// The packet opened a flow that is now tracked.
     pub new_flow: bool,
+    pub _pad: [u8; 2],
 }
 
 impl Decision {
@@ -217,10 +230,11 @@ impl Decision {
     pub const fn new(reason: Reason) -> Self {
         Decision {
             reason,
-            audited: false,
             rule: 0,
             device: 0,
+            audited: false,
             new_flow: false,
+            _pad: [0, 0],
         }
     }
 
@@ -261,6 +275,49 @@ fn judge_arp<T: Tables>(
     }
 }
 
+/// A drop of a packet of a flow judged in full, which its next packets get while nothing it
+/// was judged by has changed: the epoch (policy, devices, settings), its flow entry (the
+/// only one a drop's judgement reads: no write since), the hook and the sender's MAC; and
+/// for a second at most. A flood of one
+/// denied flow is then dropped on one array lookup. A pass is never cached this way.
+/// Without implicit padding, as [`Decision`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RecentDrop {
+    /// [`Tables::flow_writes`] of its key, before the flow table was read for it.
+    pub flow_writes: u64,
+    pub dropped_ns: u64,
+    pub decision: Decision,
+    pub epoch: u32,
+    pub mac: [u8; 6],
+    /// Judged at XDP, for a packet from `mac`; else at tc.
+    pub from_device: bool,
+    pub _pad: [u8; 5],
+}
+
+impl RecentDrop {
+    /// Does it hold for a packet from a device with source MAC `sender_mac` (XDP), or
+    /// towards one (tc, `None`), now?
+    #[inline(always)]
+    fn holds(
+        &self,
+        config: &Config,
+        sender_mac: Option<&[u8; 6]>,
+        flow_writes: u64,
+        now_ns: u64,
+    ) -> bool {
+        let same_sender = match sender_mac {
+            Some(mac) => self.from_device && mac_eq(&self.mac, mac),
+            None => !self.from_device,
+        };
+        same_sender
+            && self.epoch == config.epoch
+            && self.epoch != 0
+            && self.flow_writes == flow_writes
+            && now_ns.saturating_sub(self.dropped_ns) < REFRESH_NS
+    }
+}
+
 /// A frame from a device (XDP ingress on a device-facing interface): SPEC §2 rules 1-7.
 #[inline(always)]
 pub fn judge_from_device<T: Tables>(
@@ -269,14 +326,55 @@ pub fn judge_from_device<T: Tables>(
     packet: &Parsed,
     now_ns: u64,
 ) -> Decision {
-    let decision = decide_from_device(tables, config, packet, now_ns);
-    if let Parsed::Ip(flow) = packet {
-        // Checked here: the call is for the rare first fragment only.
-        if flow.first_fragment && decision.reason.passes() {
-            remember_datagram(tables, flow, &decision, now_ns);
+    let mut decided = Decision::new(Reason::Reply);
+    let mut flow_writes = 0;
+    let tracked = match packet {
+        Parsed::Ip(flow) if has_own_entry_from_device(flow) => {
+            match own_entry(
+                tables,
+                config,
+                flow,
+                Some(&flow.src_mac),
+                now_ns,
+                &mut decided,
+            ) {
+                OwnEntry::Decided => {
+                    remember_first_fragment(tables, flow, &decided, now_ns);
+                    return decided;
+                }
+                OwnEntry::Judge {
+                    tracked,
+                    flow_writes: writes,
+                } => {
+                    flow_writes = writes;
+                    tracked
+                }
+            }
         }
+        _ => false,
+    };
+    let decision = decide_from_device(tables, config, packet, tracked, now_ns);
+    if let Parsed::Ip(flow) = packet {
+        // Asked again rather than carried over: a value carried across the full judgement
+        // would multiply the verifier's states.
+        let own = has_own_entry_from_device(flow);
+        leave_behind::<T, true>(tables, config, flow, &decision, own, flow_writes, now_ns);
     }
     decision
+}
+
+/// Is `flow`, from a device, one that its own flow entry may decide? Not ICMP errors
+/// (judged by the flow they quote) and not the essentials (never tracked).
+#[inline(always)]
+fn has_own_entry_from_device(flow: &Flow) -> bool {
+    flow.related.is_none() && !is_essential(flow)
+}
+
+/// As [`has_own_entry_from_device`], towards a device: not what came in on a device-facing
+/// interface either (judged there).
+#[inline(always)]
+fn has_own_entry_to_device(flow: &Flow, from_device_iface: bool) -> bool {
+    !from_device_iface && flow.related.is_none() && !is_essential_reply(flow)
 }
 
 /// A frame towards a device (tc egress on a device-facing interface). Frames that came in
@@ -291,14 +389,85 @@ pub fn judge_to_device<T: Tables>(
     from_device_iface: bool,
     now_ns: u64,
 ) -> Decision {
-    let decision = decide_to_device(tables, config, packet, from_device_iface, now_ns);
-    if let Parsed::Ip(flow) = packet {
-        // Checked here: the call is for the rare first fragment only.
-        if flow.first_fragment && decision.reason.passes() {
-            remember_datagram(tables, flow, &decision, now_ns);
+    let mut decided = Decision::new(Reason::Reply);
+    let mut flow_writes = 0;
+    let tracked = match packet {
+        Parsed::Ip(flow) if has_own_entry_to_device(flow, from_device_iface) => {
+            match own_entry(tables, config, flow, None, now_ns, &mut decided) {
+                OwnEntry::Decided => {
+                    remember_first_fragment(tables, flow, &decided, now_ns);
+                    return decided;
+                }
+                OwnEntry::Judge {
+                    tracked,
+                    flow_writes: writes,
+                } => {
+                    flow_writes = writes;
+                    tracked
+                }
+            }
         }
+        _ => false,
+    };
+    let decision = decide_to_device(tables, config, packet, from_device_iface, tracked, now_ns);
+    if let Parsed::Ip(flow) = packet {
+        let own = has_own_entry_to_device(flow, from_device_iface);
+        leave_behind::<T, false>(tables, config, flow, &decision, own, flow_writes, now_ns);
     }
     decision
+}
+
+/// What a flow's packet judged in full leaves for others: a first fragment that passed lets
+/// the rest of its datagram pass; a drop of a flow whose own entry was looked up (`own`,
+/// with `flow_writes` read before) is kept for its next packets. `FROM_DEVICE`: judged at
+/// XDP.
+#[inline(always)]
+fn leave_behind<T: Tables, const FROM_DEVICE: bool>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    decision: &Decision,
+    own: bool,
+    flow_writes: u64,
+    now_ns: u64,
+) {
+    remember_first_fragment(tables, flow, decision, now_ns);
+    if own && !decision.passes() {
+        remember_drop::<T, FROM_DEVICE>(tables, config, flow, decision, flow_writes, now_ns);
+    }
+}
+
+/// A first fragment that passed (whatever let it pass) lets the rest of its datagram pass.
+#[inline(always)]
+fn remember_first_fragment<T: Tables>(tables: &T, flow: &Flow, decision: &Decision, now_ns: u64) {
+    // Checked here: the call is for the rare first fragment only.
+    if flow.first_fragment && decision.reason.passes() {
+        remember_datagram(tables, flow, decision, now_ns);
+    }
+}
+
+/// Keeps the drop `decision` of `flow` for its next packets (see [`RecentDrop`]). Not
+/// inlined: its stores would multiply the verifier's states at every hook's end, and its
+/// record stays off the hooks' stack frames.
+#[inline(never)]
+fn remember_drop<T: Tables, const FROM_DEVICE: bool>(
+    tables: &T,
+    config: &Config,
+    flow: &Flow,
+    decision: &Decision,
+    flow_writes: u64,
+    now_ns: u64,
+) {
+    let drop = RecentDrop {
+        flow_writes,
+        dropped_ns: now_ns,
+        decision: *decision,
+        epoch: config.epoch,
+        mac: flow.src_mac,
+        from_device: FROM_DEVICE,
+        _pad: [0, 0, 0, 0, 0],
+    };
+    tables.remember_drop(&flow_key(flow), &drop);
 }
 
 /// The first fragment of a datagram that passed (whatever let it pass) lets the rest of
@@ -327,6 +496,7 @@ fn decide_from_device<T: Tables>(
     tables: &T,
     config: &Config,
     packet: &Parsed,
+    tracked: bool,
     now_ns: u64,
 ) -> Decision {
     let (src, src_mac) = match packet {
@@ -336,17 +506,6 @@ fn decide_from_device<T: Tables>(
         } => return judge_arp(tables, config, sender_ip, sender_mac),
         Parsed::Ip(flow) => (&flow.src, &flow.src_mac),
         Parsed::Fragment(fragment) => (&fragment.src, &fragment.src_mac),
-    };
-    let mut cached = Decision::new(Reason::Reply);
-    let tracked = match packet {
-        Parsed::Ip(flow) if flow.related.is_none() && !is_essential(flow) => {
-            match own_entry(tables, config, flow, Some(src_mac), now_ns, &mut cached) {
-                OwnEntry::Passes => return cached,
-                OwnEntry::Stale => true,
-                OwnEntry::Absent => false,
-            }
-        }
-        _ => false,
     };
     let source = match tables.endpoint(&addr_key(config, src)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
@@ -423,6 +582,7 @@ fn decide_to_device<T: Tables>(
     config: &Config,
     packet: &Parsed,
     from_device_iface: bool,
+    tracked: bool,
     now_ns: u64,
 ) -> Decision {
     let dst = match packet {
@@ -430,19 +590,6 @@ fn decide_to_device<T: Tables>(
         Parsed::Arp { .. } => return Decision::new(Reason::Essential),
         Parsed::Ip(flow) => &flow.dst,
         Parsed::Fragment(fragment) => &fragment.dst,
-    };
-    let mut cached = Decision::new(Reason::Reply);
-    let tracked = match packet {
-        Parsed::Ip(flow)
-            if !from_device_iface && flow.related.is_none() && !is_essential_reply(flow) =>
-        {
-            match own_entry(tables, config, flow, None, now_ns, &mut cached) {
-                OwnEntry::Passes => return cached,
-                OwnEntry::Stale => true,
-                OwnEntry::Absent => false,
-            }
-        }
-        _ => false,
     };
     let destination = match tables.endpoint(&addr_key(config, dst)) {
         Some(e) if e.flags & ENDPOINT_DEVICE != 0 => e,
@@ -563,24 +710,25 @@ fn is_quarantined(device: &Endpoint) -> bool {
     device.flags & ENDPOINT_QUARANTINED != 0
 }
 
-/// What the flow entry under a packet's own tuple says.
+/// What a packet's own flow entry (or a recent drop of its flow) says.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum OwnEntry {
-    Absent,
-    /// There is one, not checked in this epoch for this hook (or expired): the packet is
-    /// judged in full.
-    Stale,
-    /// It was checked in this epoch: its reply (a reply entry) or its opener's verdict (an
-    /// opener entry) holds, its device is there and unchanged. The packet passes on it.
-    Passes,
+    /// Its entry was checked in this epoch: its reply (a reply entry) or its opener's verdict
+    /// (an opener entry) holds, its device is there and unchanged, and the packet passes on
+    /// it. Or a [`RecentDrop`] of its flow holds. The decision is written.
+    Decided,
+    /// The packet is judged in full. `tracked`: there is an entry, not checked in this epoch
+    /// for this hook (or expired); `flow_writes`: [`Tables::flow_writes`] before the flow
+    /// table was read.
+    Judge { tracked: bool, flow_writes: u64 },
 }
 
 /// Looks up the flow entry of `flow`, a packet from a device (XDP) with source MAC
-/// `sender_mac`, or towards one (tc, `None`), and writes into `passed` the decision if it
-/// [`OwnEntry::Passes`]. Only the outcome and `passed` leave, not the entry, so that its
-/// many possible values do not multiply the verifier's states across the full judgement
-/// (`tests/verifier_budget.rs` watches the total). Inlined: it is on the path of every
-/// packet, and a call costs ~10 ns on a CPU that mitigates returns (SRSO safe RET).
+/// `sender_mac`, or towards one (tc, `None`), and writes into `decided` the decision if
+/// it is [`OwnEntry::Decided`]. Only the outcome and `decided` leave, not the entry, so that
+/// its many possible values do not multiply the verifier's states across the full
+/// judgement (`tests/verifier_budget.rs` watches the total). Inlined: it is on the path of
+/// every packet, and a call costs ~10 ns on a CPU that mitigates returns (SRSO safe RET).
 #[inline(always)]
 fn own_entry<T: Tables>(
     tables: &T,
@@ -588,26 +736,47 @@ fn own_entry<T: Tables>(
     flow: &Flow,
     sender_mac: Option<&[u8; 6]>,
     now_ns: u64,
-    passed: &mut Decision,
+    decided: &mut Decision,
 ) -> OwnEntry {
     let key = flow_key(flow);
-    // An entry that passed a packet of this flow less than a second ago was there, checked
-    // and live then; the table is asked again (and refreshed) once a second.
+    // An entry found less than a second after its last refresh (so less than a second ago)
+    // that was checked then and passes the packet now, passes it: the table is asked again
+    // (and refreshed) once a second.
     if let Some(entry) = tables.recent(&key) {
         let idle = now_ns.saturating_sub(entry.last_seen_ns);
         if idle < REFRESH_NS.min(timeout_ns(config, flow.protocol))
             && checked_for(config, &entry, sender_mac)
         {
-            return passes_on(&entry, passed);
+            return passes_on(&entry, decided);
         }
     }
-    let Some(mut entry) = tables.tracked(&key) else {
-        return OwnEntry::Absent;
+    // Read before the table: a write after it makes what is judged now stale.
+    let flow_writes = tables.flow_writes(&key);
+    let dropped = tables.recent_drop(&key, |drop| {
+        let holds = drop.holds(config, sender_mac, flow_writes, now_ns);
+        if holds {
+            *decided = drop.decision;
+        }
+        holds
+    });
+    if dropped {
+        return OwnEntry::Decided;
+    }
+    let Some(entry) = tables.tracked(&key) else {
+        return OwnEntry::Judge {
+            tracked: false,
+            flow_writes,
+        };
+    };
+    let stale = OwnEntry::Judge {
+        tracked: true,
+        flow_writes,
     };
     let idle = now_ns.saturating_sub(entry.last_seen_ns);
     if !checked_for(config, &entry, sender_mac) || idle >= timeout_ns(config, flow.protocol) {
-        return OwnEntry::Stale;
+        return stale;
     }
+    let passes = passes_on(&entry, decided);
     // Timeouts count in seconds: refreshing more often than once a second is waste.
     if idle > REFRESH_NS {
         let _ = tables.update(&key, |e| e.last_seen_ns = now_ns);
@@ -616,12 +785,10 @@ fn own_entry<T: Tables>(
         if entry.flags & FLOW_OPENER != 0
             && !tables.update(&reply_key(flow), |e| e.last_seen_ns = now_ns)
         {
-            return OwnEntry::Stale;
+            return stale;
         }
-        entry.last_seen_ns = now_ns;
     }
-    tables.remember(&key, &entry);
-    passes_on(&entry, passed)
+    passes
 }
 
 /// Was `entry` checked in this epoch, for packets from a device with source MAC
@@ -638,14 +805,14 @@ fn checked_for(config: &Config, entry: &FlowEntry, sender_mac: Option<&[u8; 6]>)
     checked_here && entry.epoch == config.epoch && entry.epoch != 0
 }
 
-/// Writes into `passed` the decision of a packet that passes on `entry`.
+/// Writes into `decided` the decision of a packet that passes on `entry`.
 #[inline(always)]
-fn passes_on(entry: &FlowEntry, passed: &mut Decision) -> OwnEntry {
-    passed.device = entry.device;
+fn passes_on(entry: &FlowEntry, decided: &mut Decision) -> OwnEntry {
+    decided.device = entry.device;
     if entry.flags & FLOW_OPENER != 0 {
-        passed.reason = Reason::Allowed;
+        decided.reason = Reason::Allowed;
     }
-    OwnEntry::Passes
+    OwnEntry::Decided
 }
 
 /// Does `flow`, from or to `device`, continue a tracked flow: a reply of it (`tracked`: an

@@ -497,7 +497,7 @@ impl Datapath {
         } else {
             self.config.flags &= !flag;
         }
-        self.write_config()
+        self.write_config_in_new_epoch()
     }
 
     /// Idle timeouts of tracked flows, seconds: TCP/SCTP, UDP, everything else.
@@ -505,6 +505,13 @@ impl Datapath {
         self.config.timeout_tcp = tcp;
         self.config.timeout_udp = udp;
         self.config.timeout_other = other;
+        self.write_config_in_new_epoch()
+    }
+
+    /// Writes changed settings, in a new epoch: what the programs kept for flows (checked
+    /// entries, kept drops) was decided under the old ones.
+    fn write_config_in_new_epoch(&mut self) -> Result<(), DatapathError> {
+        self.config.epoch = next_epoch(self.config.epoch);
         self.write_config()
     }
 
@@ -604,7 +611,7 @@ impl Datapath {
         let epoch = self.config.epoch;
         self.config.generation = next;
         // Flows checked under the old epoch are checked again (maps.rs, `FlowEntry`).
-        self.config.epoch = epoch.checked_add(1).unwrap_or(1);
+        self.config.epoch = next_epoch(epoch);
         if let Err(e) = self.write_config() {
             self.config.generation = old;
             self.config.epoch = epoch;
@@ -977,6 +984,11 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
         path: path.into(),
         source: std::io::Error::other(e),
     })
+}
+
+/// The epoch after `epoch` (never 0: entries not yet checked have 0).
+fn next_epoch(epoch: u32) -> u32 {
+    epoch.checked_add(1).unwrap_or(1)
 }
 
 /// The `DEVICE_IFACE_SLOTS` values for the device-facing interfaces `ifindexes`: each

@@ -1325,3 +1325,83 @@ fn device_facing_interfaces_are_known_whichever_slot_they_share() {
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A drop is kept for a flow's next packets (`RecentDrop`) only while nothing it was
+/// judged by has changed: the same tuple from another MAC, or after the flow table gained
+/// the tuple's entry, is judged anew.
+#[test]
+fn a_kept_drop_holds_only_while_nothing_it_was_judged_by_changed() {
+    let policy = compiled(&DeviceState::default());
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(policy.clone())
+        .expect("installing the policy");
+    let mut t = Table::default();
+    t.section("kept drops");
+    let spoofed = tcp(V4.t1, V4.broker, 40100, 8883).mac(EVIL_MAC);
+    t.row(
+        "temp-001's flow from another MAC",
+        FROM,
+        spoofed.clone(),
+        Drop(Spoof),
+    );
+    t.row("...again: the drop is kept", FROM, spoofed, Drop(Spoof));
+    t.row(
+        "the same flow from temp-001's MAC",
+        FROM,
+        tcp(V4.t1, V4.broker, 40100, 8883),
+        Pass(Allowed),
+    );
+    let early_reply = udp(V4.ntp, V4.t1, 123, 40100);
+    t.row(
+        "an NTP 'reply' before any query",
+        UPLINK,
+        early_reply.clone(),
+        Drop(DefaultDeny),
+    );
+    t.row(
+        "...again: the drop is kept",
+        UPLINK,
+        early_reply.clone(),
+        Drop(DefaultDeny),
+    );
+    t.row(
+        "temp-001's NTP query",
+        FROM,
+        udp(V4.t1, V4.ntp, 40100, 123),
+        Pass(Allowed),
+    );
+    t.row(
+        "the same reply, now of a tracked flow",
+        UPLINK,
+        early_reply,
+        Pass(Reply),
+    );
+    let mut failures = run(&mut kernel, &Host::default(), &policy, &t.rows);
+    // Settings are judged by too: a drop kept before audit mode is not kept in it.
+    let mut audited = Table::default();
+    audited.section("kept drops, then audit mode");
+    let spoofed = tcp(V4.t1, V4.broker, 40101, 8883).mac(EVIL_MAC);
+    t = Table::default();
+    t.section("kept drops, then audit mode");
+    t.row(
+        "temp-001's flow from another MAC",
+        FROM,
+        spoofed.clone(),
+        Drop(Spoof),
+    );
+    t.row(
+        "...again: the drop is kept",
+        FROM,
+        spoofed.clone(),
+        Drop(Spoof),
+    );
+    audited.row("...in audit mode", FROM, spoofed, Audit(Spoof));
+    failures.extend(run(&mut kernel, &Host::default(), &policy, &t.rows));
+    kernel.datapath.set_audit(true).expect("setting audit mode");
+    let mut host = Host::default();
+    host.audit = true;
+    failures.extend(run(&mut kernel, &host, &policy, &audited.rows));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
