@@ -329,10 +329,44 @@ fn account(
     if let Some(parsed) = parsed {
         let new_flow = decision.new_flow && config.flags & CONFIG_REPORT_NEW_FLOWS != 0;
         if !decision.reason.passes() || new_flow {
-            report(decision, parsed, hook, now_ns);
+            let source = event_source(decision, parsed, hook);
+            // Checked before the call: in a flood, nearly every packet ends here.
+            if over_event_limit(&source, now_ns) {
+                bump(COUNTER_EVENTS_SUPPRESSED);
+            } else {
+                report(decision, parsed, hook, &source, now_ns);
+            }
         }
     }
     decision.passes()
+}
+
+/// Whose events `decision` of `parsed` counts against: a known device as a whole (by
+/// number, in a key no address can have: ffff:ffff:ffff:ffff:ffff:ffff:<device>), else
+/// the unknown address at the outer end.
+#[inline(always)]
+fn event_source(decision: &Decision, parsed: &Parsed, hook: u8) -> Addr {
+    let (src, dst) = match parsed {
+        Parsed::Arp { sender_ip, .. } => (sender_ip, None),
+        Parsed::Ip(flow) => (&flow.src, Some(&flow.dst)),
+        Parsed::Fragment(fragment) => (&fragment.src, Some(&fragment.dst)),
+    };
+    if decision.device != 0 {
+        ((u128::MAX << 32) | u128::from(decision.device)).to_be_bytes()
+    } else if hook == HOOK_TO_DEVICE {
+        dst.copied().unwrap_or_default()
+    } else {
+        *src
+    }
+}
+
+/// Is `source` the one this CPU last found over its event limit, and still is?
+#[inline(always)]
+fn over_event_limit(source: &Addr, now_ns: u64) -> bool {
+    OVER_LIMIT.get_ptr(0).is_some_and(|cached| {
+        // SAFETY: per-CPU slot, only this CPU uses it while we run.
+        unsafe { (*cached).source == addr_halves(source) && now_ns < (*cached).until_ns }
+    })
 }
 
 /// Is `decision` about a packet from a source no device owns (for the inventory)?
@@ -369,26 +403,11 @@ fn remember_unknown(parsed: &Parsed, now_ns: u64) {
     }
 }
 
-/// Sends an event for a drop, at most `EVENTS_PER_SOURCE_PER_SECOND` per source (a
-/// device, or an unknown source address); the rest only count as suppressed.
+/// Sends an event for a drop, at most `EVENTS_PER_SOURCE_PER_SECOND` per source (see
+/// [`event_source`]); the rest only count as suppressed.
 #[inline(never)]
-fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
-    let (src, dst) = match parsed {
-        Parsed::Arp { sender_ip, .. } => (sender_ip, None),
-        Parsed::Ip(flow) => (&flow.src, Some(&flow.dst)),
-        Parsed::Fragment(fragment) => (&fragment.src, Some(&fragment.dst)),
-    };
-    // Known devices are limited as a whole (by number, in a key no address can have:
-    // ffff:ffff:ffff:ffff:ffff:ffff:<device>).
-    let source = if decision.device != 0 {
-        ((u128::MAX << 32) | u128::from(decision.device)).to_be_bytes()
-    } else if hook == HOOK_TO_DEVICE {
-        dst.copied().unwrap_or_default()
-    } else {
-        *src
-    };
-    // Checked first: in a flood, building the event would be wasted on nearly every packet.
-    if !within_event_limit(&source, now_ns) {
+fn report(decision: &Decision, parsed: &Parsed, hook: u8, source: &Addr, now_ns: u64) {
+    if !within_event_limit(source, now_ns) {
         bump(COUNTER_EVENTS_SUPPRESSED);
         return;
     }
@@ -432,18 +451,11 @@ fn report(decision: &Decision, parsed: &Parsed, hook: u8, now_ns: u64) {
     entry.submit(0);
 }
 
-/// Counts an event of `source` against its limit; false if it is over.
+/// Counts an event of `source` against its limit; false if it is over, which this CPU
+/// then remembers (`OVER_LIMIT`) until the limit's window ends.
 #[inline(always)]
 fn within_event_limit(source: &Addr, now_ns: u64) -> bool {
     let cached = OVER_LIMIT.get_ptr_mut(0);
-    if let Some(cached) = cached {
-        // SAFETY: per-CPU slot, only this CPU uses it while we run.
-        let over =
-            unsafe { (*cached).source == addr_halves(source) && now_ns < (*cached).until_ns };
-        if over {
-            return false;
-        }
-    }
     match EVENT_RATE.get_ptr_mut(source) {
         // SAFETY: plain data; a racing CPU can at worst miscount by one.
         Some(rate) => unsafe {
