@@ -272,29 +272,36 @@ pub fn run(options: &Options) -> Result<Section> {
             "Where the time goes: every packet pays the program's entry (the floor), reading \
              CONFIG and the clock, and parsing; the malformed class is about that much. A \
              packet of a flow checked in the current epoch (a reply, an answered flow's next \
-             packet) adds one conntrack lookup (a 40-byte key) and its counter; towards a \
-             device (tc) also the interface it came in on (an array slot), which decides \
-             whether it was judged on its way in already. A new or denied flow adds \
-             the source's endpoint (20-byte key), its segment, the destination's endpoint and \
-             zone probe, and one policy lookup per port prefix length its segment uses; a drop \
-             adds the per-CPU counter and the per-source event limit. Each hash lookup costs \
-             ~20-40 ns here (jhash of the key is 35-45% of a profile, and the kernel's lookup \
-             and its memcmp are calls, which are dear on a CPU that mitigates every return: \
-             SRSO safe RET), so a class costs what its number of lookups costs, and the scale \
-             changes little: keys are the same size whatever the policy holds. For the same \
-             reason, the programs read the coarse clock once a tick rather than per packet \
-             (~14 ns) and make no call of their own before a flow entry passes a packet \
-             (~10 ns). An IPv4 flow table with 16-byte keys was measured and dropped: no \
-             difference beyond the noise here, and more for the verifier to walk."
+             packet) adds its flow entry: from this CPU's RECENT_FLOWS slot (an array the \
+             verifier inlines, and a 40-byte compare) when the table gave it less than a \
+             second ago, else from the table (an LRU hash: ~30 ns more); towards a device \
+             (tc) also the interface it came in on (an array slot). A repeated denied packet \
+             adds a RECENT_DROPS slot and its flow's write stamp (see docs/datapath.md, \
+             Conntrack), the counter and the per-CPU check of the event limit. A packet judged \
+             in full (a new flow, the first packet of a denied flow, an unknown source) adds \
+             the flow table's lookup, the source's endpoint (20-byte key), its segment, the \
+             destination's endpoint and zone probe, and one policy lookup per port prefix \
+             length its segment uses. Each hash lookup costs ~20-40 ns here: jhash of the key \
+             is 35-45% of a profile, and the kernel's lookup and its memcmp are calls, which \
+             are dear on a CPU that mitigates every return (SRSO safe RET). So such a class \
+             costs what its lookups cost, and the scale changes little: keys are the same \
+             size whatever the policy holds. For the same reason, the programs read the \
+             coarse clock once a tick rather than per packet (~14 ns), and make no call of \
+             their own before a packet's flow entry or kept drop decides it (~10 ns each). \
+             An IPv4 flow table with 16-byte keys was measured and dropped: no difference \
+             beyond the noise here, and more for the verifier to walk."
                 .into(),
-            "The 3×-floor targets leave twice the floor above it: parsing and the one lookup \
-             that even a reply needs (is this packet's flow tracked?) take more than that. A \
-             denied packet needs six lookups (its flow, its source, the segment, the \
-             destination's endpoint and zone, the policy), each answering a question of SPEC \
-             §2 rules 2-5; a new flow one more to track its replies. So ≤ 100 ns holds for \
-             what passes on one lookup, and ≤ 100 ns and 3× the floor are out of reach for new \
-             and denied flows without dropping a check the SPEC requires or a hash faster than \
-             the kernel's."
+            "The denied class repeats one denied flow: from its second packet on, its drop is \
+             kept. The class judged in full shows the first packet of a denied flow (audit \
+             mode, where a would-be drop is never kept, so every repeat is judged in full, \
+             plus its event check). ≤ 100 ns holds for what passes on its flow entry and for \
+             a kept drop. A packet judged in full needs six lookups, each answering a question \
+             of SPEC §2 rules 2-5 (its flow, its source, the segment, the destination's \
+             endpoint and zone, the policy), a new flow one more to track its replies: ≤ 100 \
+             ns is out of reach for them without dropping a check the SPEC requires or a hash \
+             faster than the kernel's. Against the floor, a reply is within 3×; a kept drop \
+             is not quite (it reads two slots, a stamp and the event limit, where a reply \
+             reads one slot)."
                 .into(),
         ],
     })

@@ -441,14 +441,14 @@ fn section(plan: &Plan, measured: &[Measured]) -> Section {
                 number(median(&mut alone))
             ),
             "Where segward's cost goes: an allowed packet of an established (answered) flow \
-         passes on one lookup of its flow entry (the datapath section's 'answered flow' \
-         class); that lookup of a 40-byte key is most of what it adds to the XDP floor. A \
-         denied packet is judged in full: its flow, source (anti-spoofing), segment, the \
-         destination's identity and the policy, six lookups, against the one set lookup of \
-         the nftables ingress configuration, which knows no device identities, MACs, \
-         segments or quarantine. So it drops at about a third of what nftables' stateful \
-         forward hook costs, and at most at about two thirds of the ingress hook's; a third \
-         of that would leave less than two lookups."
+         passes on its flow entry, from this CPU's RECENT_FLOWS slot (the datapath section's \
+         'answered flow' class). The denied flow's first packet is judged in full (its flow, \
+         source with anti-spoofing, segment, the destination's identity and the policy: six \
+         lookups, against the one set lookup of the nftables ingress configuration, which \
+         knows no device identities, MACs, segments or quarantine); its next packets are \
+         dropped on the kept drop (RECENT_DROPS), as long as nothing the judgement read \
+         changes. A flood of new denied flows (a scan) is judged in full packet by packet, \
+         at about the 'judged in full' cost of the datapath section."
                 .into(),
         ],
     }
