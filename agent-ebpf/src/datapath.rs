@@ -105,21 +105,22 @@ struct RecentDropSlot {
 
 /// Per `RECENT_DROPS` slot, a stamp of the programs' last write to a `CONNTRACK` entry whose
 /// key maps there (`Tables::flow_writes`): this CPU's number and its count of such writes,
-/// so that no two writes leave the same stamp. Not pinned.
+/// so that no two writes leave the same stamp. Pinned with its counts, so that the programs
+/// of a restarted daemon see the writes of those they replace, link by link.
 #[map]
-static FLOW_WRITE_STAMPS: Array<u64> = Array::with_max_entries(RECENT_DROP_SLOTS, 0);
+static FLOW_STAMPS: Array<u64> = Array::with_max_entries(RECENT_DROP_SLOTS, 0);
 
-/// Per CPU, its count of writes to `CONNTRACK` (see `FLOW_WRITE_STAMPS`).
+/// Per CPU, its count of writes to `CONNTRACK` (see `FLOW_STAMPS`).
 #[map]
-static FLOW_WRITE_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static STAMP_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Stamps a write to the `CONNTRACK` entry `key`, after it: a recent drop of a flow
 /// whose key maps to the same slot is judged again (`RecentDrop`).
 #[inline(always)]
 fn stamp_flow_write(key: &FlowKey) {
     let (Some(count), Some(stamp)) = (
-        FLOW_WRITE_COUNT.get_ptr_mut(0),
-        FLOW_WRITE_STAMPS.get_ptr_mut(recent_slot(key, RECENT_DROP_SLOTS)),
+        STAMP_COUNTS.get_ptr_mut(0),
+        FLOW_STAMPS.get_ptr_mut(recent_slot(key, RECENT_DROP_SLOTS)),
     ) else {
         return;
     };
@@ -265,7 +266,7 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn flow_writes(&self, key: &FlowKey) -> u64 {
-        FLOW_WRITE_STAMPS
+        FLOW_STAMPS
             .get(recent_slot(key, RECENT_DROP_SLOTS))
             .copied()
             .unwrap_or(0)
@@ -571,8 +572,9 @@ fn is_device_iface(ifindex: u32) -> bool {
 /// fragments get 30 s). The clock only moves once a tick, so its reading is kept with the
 /// tick (`jiffies`) it was taken in, and read again only in the next one: the verifier
 /// inlines `bpf_jiffies64` and the `CLOCK` lookup into a few loads, where the clock's helper
-/// call costs ~14 ns a packet on a CPU whose returns are mitigated (SRSO safe RET). CPUs
-/// racing to store a tick's reading can leave one a tick off, which nothing here notices.
+/// call costs ~14 ns a packet on a CPU whose returns are mitigated (SRSO safe RET). A reading
+/// can be a tick old (jiffies advance before the clock, and CPUs race to store a tick's
+/// reading), which nothing here notices: every user counts in seconds.
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY (both helpers): plain helper calls.

@@ -24,13 +24,16 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_DEVICE_IFACES: &str = "DEVICE_IFACES";
 pub const MAP_DEVICE_IFACE_SLOTS: &str = "DEVICE_IFACE_SLOTS";
+pub const MAP_FLOW_STAMPS: &str = "FLOW_STAMPS";
+pub const MAP_STAMP_COUNTS: &str = "STAMP_COUNTS";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
 pub const MAP_OVER_LIMIT: &str = "OVER_LIMIT";
-/// Every map, for pinning (the programs' `CLOCK` cache is theirs alone, and starts empty).
-pub const ALL_MAPS: [&str; 15] = [
+/// Every map, for pinning. The programs' caches (`CLOCK`, `RECENT_FLOWS`, `RECENT_DROPS`)
+/// are theirs alone, and start empty.
+pub const ALL_MAPS: [&str; 17] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,
     MAP_OVER_LIMIT,
@@ -46,6 +49,8 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_CONNTRACK,
     MAP_DEVICE_IFACES,
     MAP_DEVICE_IFACE_SLOTS,
+    MAP_FLOW_STAMPS,
+    MAP_STAMP_COUNTS,
 ];
 
 /// Capacities per generation; the maps hold two generations.
@@ -149,8 +154,9 @@ pub struct Config {
     pub timeout_tcp: u32,
     pub timeout_udp: u32,
     pub timeout_other: u32,
-    /// Counts installs (never 0): a tracked flow checked in this epoch passes on its flow
-    /// entry alone, one checked in an earlier one is checked again (see [`FlowEntry`]).
+    /// Counts installs and changes of these settings (never 0): a tracked flow checked in
+    /// this epoch passes on its flow entry alone, one checked in an earlier one is checked
+    /// again (see [`FlowEntry`]); a drop kept in an earlier one is judged again.
     pub epoch: u32,
 }
 
@@ -197,8 +203,9 @@ pub struct FlowKey {
 ///
 /// Either kind passes a packet on the entry alone (one lookup) only if it was checked in the
 /// current [`Config::epoch`]: its device, the device's MAC and quarantine, and for an opener
-/// the verdict, as the full judgement found them. Every install starts a new epoch, so a
-/// reload, lease move or quarantine sends each flow through the full judgement once more.
+/// the verdict, as the full judgement found them. Every install (and change of settings)
+/// starts a new epoch, so a reload, lease move or quarantine sends each flow through the
+/// full judgement once more.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowEntry {

@@ -718,14 +718,16 @@ enum OwnEntry {
     /// it. Or a [`RecentDrop`] of its flow holds. The decision is written.
     Decided,
     /// The packet is judged in full. `tracked`: there is an entry, not checked in this epoch
-    /// for this hook (or expired); `flow_writes`: [`Tables::flow_writes`] before the flow
-    /// table was read.
+    /// for this hook, expired, or an opener whose replies' entry is gone; `flow_writes`:
+    /// [`Tables::flow_writes`] before the flow table was read.
     Judge { tracked: bool, flow_writes: u64 },
 }
 
 /// Looks up the flow entry of `flow`, a packet from a device (XDP) with source MAC
-/// `sender_mac`, or towards one (tc, `None`), and writes into `decided` the decision if
-/// it is [`OwnEntry::Decided`]. Only the outcome and `decided` leave, not the entry, so that
+/// `sender_mac`, or towards one (tc, `None`): in this CPU's slot of it ([`Tables::recent`]),
+/// a kept drop of the flow ([`Tables::recent_drop`]), then the flow table. Writes into
+/// `decided` the decision if it is [`OwnEntry::Decided`]. Only the outcome, `decided` and
+/// the stamp leave, not the entry, so that
 /// its many possible values do not multiply the verifier's states across the full
 /// judgement (`tests/verifier_budget.rs` watches the total). Inlined: it is on the path of
 /// every packet, and a call costs ~10 ns on a CPU that mitigates returns (SRSO safe RET).

@@ -364,8 +364,12 @@ impl Datapath {
     }
 
     /// Attaches to a device-facing interface of `netns`: XDP ingress judges what devices
-    /// send, tc egress what is sent to them.
-    pub fn attach_device_iface(&mut self, netns: &Netns, iface: &str) -> Result<(), DatapathError> {
+    /// send, tc egress what is sent to them. Returns its index.
+    pub fn attach_device_iface(
+        &mut self,
+        netns: &Netns,
+        iface: &str,
+    ) -> Result<u32, DatapathError> {
         let attach_err = |source| DatapathError::Attach {
             iface: iface.into(),
             source,
@@ -424,7 +428,7 @@ impl Datapath {
                 pin_link(to_device.take_link(id)?.try_into()?, path)?;
             }
         }
-        Ok(())
+        Ok(ifindex)
     }
 
     /// Detaches pinned links of interfaces that are no longer configured.
@@ -459,11 +463,32 @@ impl Datapath {
     /// judge such frames with [`Datapath::test_run`] (`Hook::ToDevice { ingress_ifindex }`)
     /// without a real interface.
     pub fn add_device_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let mut ifaces = self.hash::<u32, u32>(MAP_DEVICE_IFACES)?;
-        ifaces
+        self.hash::<u32, u32>(MAP_DEVICE_IFACES)?
             .insert(ifindex, 1, 0)
             .map_err(map_err(MAP_DEVICE_IFACES))?;
-        let ifindexes = ifaces
+        self.write_device_iface_slots()
+    }
+
+    /// Forgets every device-facing interface but `keep` (a restarted daemon's, whose pins
+    /// may hold interfaces no longer configured: their index may come to name another).
+    pub fn keep_device_ifindexes(&mut self, keep: &[u32]) -> Result<(), DatapathError> {
+        let mut ifaces = self.hash::<u32, u32>(MAP_DEVICE_IFACES)?;
+        let known = ifaces
+            .keys()
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(map_err(MAP_DEVICE_IFACES))?;
+        for ifindex in known.into_iter().filter(|i| !keep.contains(i)) {
+            ifaces
+                .remove(&ifindex)
+                .map_err(map_err(MAP_DEVICE_IFACES))?;
+        }
+        self.write_device_iface_slots()
+    }
+
+    /// Writes `DEVICE_IFACE_SLOTS` from `DEVICE_IFACES`.
+    fn write_device_iface_slots(&mut self) -> Result<(), DatapathError> {
+        let ifindexes = self
+            .hash::<u32, u32>(MAP_DEVICE_IFACES)?
             .keys()
             .collect::<Result<Vec<u32>, _>>()
             .map_err(map_err(MAP_DEVICE_IFACES))?;
@@ -492,27 +517,34 @@ impl Datapath {
     }
 
     fn set_flag(&mut self, flag: u8, on: bool) -> Result<(), DatapathError> {
-        if on {
-            self.config.flags |= flag;
+        let flags = if on {
+            self.config.flags | flag
         } else {
-            self.config.flags &= !flag;
-        }
-        self.write_config_in_new_epoch()
+            self.config.flags & !flag
+        };
+        self.change_settings(|config| config.flags = flags)
     }
 
     /// Idle timeouts of tracked flows, seconds: TCP/SCTP, UDP, everything else.
     pub fn set_timeouts(&mut self, tcp: u32, udp: u32, other: u32) -> Result<(), DatapathError> {
-        self.config.timeout_tcp = tcp;
-        self.config.timeout_udp = udp;
-        self.config.timeout_other = other;
-        self.write_config_in_new_epoch()
+        self.change_settings(|config| {
+            config.timeout_tcp = tcp;
+            config.timeout_udp = udp;
+            config.timeout_other = other;
+        })
     }
 
-    /// Writes changed settings, in a new epoch: what the programs kept for flows (checked
-    /// entries, kept drops) was decided under the old ones.
-    fn write_config_in_new_epoch(&mut self) -> Result<(), DatapathError> {
-        self.config.epoch = next_epoch(self.config.epoch);
-        self.write_config()
+    /// Writes settings that `change` changes, in a new epoch: what the programs kept for
+    /// flows (checked entries, kept drops) was decided under the old ones. Nothing is
+    /// written if nothing changes; nothing is changed if the write fails.
+    fn change_settings(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
+        let old = self.config;
+        change(&mut self.config);
+        if self.config == old {
+            return Ok(());
+        }
+        self.config.epoch = next_epoch(old.epoch);
+        self.write_config().inspect_err(|_| self.config = old)
     }
 
     /// A handle on the tracked-flow maps that deletes flows, for another thread: walking

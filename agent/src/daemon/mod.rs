@@ -125,9 +125,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     agent.policy_loaded();
     // Leases that changed while no daemon ran: applied, cut and recorded like any change.
     agent.leases_changed();
+    let mut attached = Vec::new();
     for iface in &config.device_ifaces {
-        agent.datapath.attach_device_iface(&netns, iface)?;
+        attached.push(agent.datapath.attach_device_iface(&netns, iface)?);
     }
+    agent.datapath.keep_device_ifindexes(&attached)?;
     for link in agent.datapath.detach_other_ifaces(&config.device_ifaces)? {
         info!(
             link,
