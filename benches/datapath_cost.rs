@@ -277,7 +277,8 @@ pub fn run(options: &Options) -> Result<Section> {
              second ago, else from the table (an LRU hash: ~30 ns more); towards a device \
              (tc) also the interface it came in on (an array slot). A repeated denied packet \
              adds a RECENT_DROPS slot and its flow's write stamp (see docs/datapath.md, \
-             Conntrack), the counter and the per-CPU check of the event limit. A packet judged \
+             Conntrack), the counter and the per-CPU check of the event limit; one from an \
+             unknown source also its CPU's count of that source (UNKNOWN_PENDING). A packet judged \
              in full (a new flow, the first packet of a denied flow, an unknown source) adds \
              the flow table's lookup, the source's endpoint (20-byte key), its segment, the \
              destination's endpoint and zone probe, and one policy lookup per port prefix \

@@ -5,16 +5,16 @@ use agent_ebpf::{
     maps::{
         addr_halves, device_iface_slot, is_v4_mapped, mask_addr, Addr, AddrKey, Config,
         DatagramEntry, DatagramKey, Endpoint, Event, EventRate, FlowEntry, FlowKey, OverLimit,
-        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownSeen, ZoneIdentity,
-        ZoneKey, ZoneLengths, CONFIG_REPORT_NEW_FLOWS, DEVICE_IFACE_SLOT_COUNT, EVENTS_BYTES,
-        EVENTS_PER_SOURCE_PER_SECOND, GENERATIONS, HOOK_FROM_DEVICE, HOOK_TO_DEVICE,
+        PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey, UnknownPending, UnknownSeen,
+        ZoneIdentity, ZoneKey, ZoneLengths, CONFIG_REPORT_NEW_FLOWS, DEVICE_IFACE_SLOT_COUNT,
+        EVENTS_BYTES, EVENTS_PER_SOURCE_PER_SECOND, GENERATIONS, HOOK_FROM_DEVICE, HOOK_TO_DEVICE,
         MAX_DEVICE_IFACES, MAX_ENDPOINTS, MAX_EVENT_SOURCES, MAX_POLICY_ENTRIES, MAX_SEGMENTS,
         MAX_TRACKED_DATAGRAMS, MAX_TRACKED_FLOWS, MAX_UNKNOWN_SOURCES, MAX_ZONE_PREFIXES,
     },
     parse::{parse, Packet, Parsed},
     verdict::{
-        drop_reason, judge_from_device, judge_to_device, Decision, Reason, RecentDrop, Tables,
-        COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
+        drop_reason, judge_from_device, judge_to_device, mac_eq, Decision, Flow, Reason,
+        RecentDrop, Tables, COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
     },
 };
 use aya_ebpf::{
@@ -52,6 +52,9 @@ static FRAGMENTS: LruHashMap<DatagramKey, DatagramEntry> =
 #[map]
 static UNKNOWN_SOURCES: LruHashMap<UnknownKey, UnknownSeen> =
     LruHashMap::with_max_entries(MAX_UNKNOWN_SOURCES, 0);
+/// Per CPU, packets of the last unknown source not yet in `UNKNOWN_SOURCES`.
+#[map]
+static UNKNOWN_PENDING: PerCpuArray<UnknownPending> = PerCpuArray::with_max_entries(1, 0);
 /// Interface indexes (in the gateway's namespace) of the device-facing interfaces.
 #[map]
 static DEVICE_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICE_IFACES, 0);
@@ -376,30 +379,71 @@ fn from_unknown_source(decision: &Decision) -> bool {
     decision.device == 0 && matches!(decision.reason, Reason::UnknownDevice | Reason::Essential)
 }
 
-/// Adds a packet from a source no device owns to the inventory.
-#[inline(never)]
+/// Adds a packet from a source no device owns to the inventory: to this CPU's pending
+/// count if it is the source it saw last (see `UnknownPending`), else to `UNKNOWN_SOURCES`,
+/// with the pending count of the source before.
+#[inline(always)]
 fn remember_unknown(parsed: &Parsed, now_ns: u64) {
     let Parsed::Ip(flow) = parsed else {
         return;
     };
+    let Some(pending) = UNKNOWN_PENDING.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, which nothing else writes while we run.
+    unsafe {
+        let key = &(*pending).key;
+        let [high, low] = addr_halves(&key.addr);
+        if [high, low] == addr_halves(&flow.src) && mac_eq(&key.mac, &flow.src_mac) {
+            (*pending).packets += 1;
+            (*pending).last_seen_ns = now_ns;
+            return;
+        }
+    }
+    remember_new_unknown(flow, pending, now_ns);
+}
+
+/// The source of `flow` is not this CPU's last (`pending`): that one's packets go to
+/// `UNKNOWN_SOURCES`, and so does this packet, and `flow`'s source becomes the last.
+#[inline(never)]
+fn remember_new_unknown(flow: &Flow, pending: *mut UnknownPending, now_ns: u64) {
+    // SAFETY: this CPU's slot (see `remember_unknown`).
+    let last = unsafe { *pending };
+    if last.packets > 0 {
+        add_unknown(&last.key, last.packets, last.last_seen_ns);
+    }
     let key = UnknownKey {
         addr: flow.src,
         mac: flow.src_mac,
         _pad: [0; 2],
     };
-    match UNKNOWN_SOURCES.get_ptr_mut(&key) {
-        // SAFETY: plain data; a racing CPU can at worst miscount by one.
+    add_unknown(&key, 1, now_ns);
+    // SAFETY: as above.
+    unsafe {
+        *pending = UnknownPending {
+            key,
+            packets: 0,
+            last_seen_ns: now_ns,
+        };
+    }
+}
+
+/// Counts `packets` of unknown source `key`, the last at `seen_ns`, in `UNKNOWN_SOURCES`.
+#[inline(always)]
+fn add_unknown(key: &UnknownKey, packets: u64, seen_ns: u64) {
+    match UNKNOWN_SOURCES.get_ptr_mut(key) {
+        // SAFETY: plain data; a racing CPU can at worst miscount.
         Some(seen) => unsafe {
-            (*seen).last_seen_ns = now_ns;
-            (*seen).packets += 1;
+            (*seen).last_seen_ns = seen_ns;
+            (*seen).packets += packets;
         },
         None => {
             let seen = UnknownSeen {
-                first_seen_ns: now_ns,
-                last_seen_ns: now_ns,
-                packets: 1,
+                first_seen_ns: seen_ns,
+                last_seen_ns: seen_ns,
+                packets,
             };
-            let _ = UNKNOWN_SOURCES.insert(&key, &seen, 0);
+            let _ = UNKNOWN_SOURCES.insert(key, &seen, 0);
         }
     }
 }

@@ -30,15 +30,17 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
+pub const MAP_UNKNOWN_PENDING: &str = "UNKNOWN_PENDING";
 pub const MAP_OVER_LIMIT: &str = "OVER_LIMIT";
 /// Every map, for pinning. The programs' caches (`CLOCK`, `RECENT_FLOWS`, `RECENT_DROPS`)
 /// are theirs alone, and start empty.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,
     MAP_OVER_LIMIT,
     MAP_FRAGMENTS,
     MAP_UNKNOWN_SOURCES,
+    MAP_UNKNOWN_PENDING,
     MAP_CONFIG,
     MAP_ENDPOINTS,
     MAP_ZONE_PREFIXES,
@@ -291,6 +293,18 @@ pub struct UnknownSeen {
     pub packets: u64,
 }
 
+/// Per CPU, the unknown source it saw last and its packets since that `UNKNOWN_SOURCES`
+/// does not count yet: a flood from one source costs a compare a packet, not an LRU update.
+/// They are added there when another source comes, and by the daemon when it reads the
+/// inventory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnknownPending {
+    pub key: UnknownKey,
+    pub packets: u64,
+    pub last_seen_ns: u64,
+}
+
 /// A drop (or an audited would-be drop) worth telling the daemon about.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -530,6 +544,7 @@ const _: () = {
     assert!(core::mem::size_of::<DatagramEntry>() == 16);
     assert!(core::mem::size_of::<UnknownKey>() == 24);
     assert!(core::mem::size_of::<UnknownSeen>() == 24);
+    assert!(core::mem::size_of::<UnknownPending>() == 40);
     assert!(core::mem::size_of::<EventRate>() == 16);
     assert!(core::mem::size_of::<OverLimit>() == 24);
     assert!(core::mem::size_of::<AddrKey>() == 20);
@@ -567,6 +582,7 @@ mod pod {
     unsafe impl aya::Pod for DatagramEntry {}
     unsafe impl aya::Pod for UnknownKey {}
     unsafe impl aya::Pod for UnknownSeen {}
+    unsafe impl aya::Pod for UnknownPending {}
 }
 
 #[cfg(test)]

@@ -1087,7 +1087,7 @@ fn is_spoofed(owner: &Endpoint, mac: &[u8; 6]) -> bool {
 
 /// Byte-wise comparison: `==` on arrays may lower to a `memcmp` call, which BPF lacks.
 #[inline(always)]
-fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
     (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])
         == 0
 }

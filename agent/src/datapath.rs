@@ -11,11 +11,11 @@ use agent_ebpf::{
     maps::{
         device_iface_slot, Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, Event,
         FlowEntry, FlowKey, PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, UnknownKey,
-        UnknownSeen, ZoneIdentity, ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT,
+        UnknownPending, UnknownSeen, ZoneIdentity, ZoneKey, ZoneLengths, ALL_MAPS, CONFIG_AUDIT,
         CONFIG_REPORT_NEW_FLOWS, DEVICE_IFACE_SLOT_COUNT, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
         MAP_DEVICE_IFACES, MAP_DEVICE_IFACE_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
-        MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS, MAP_ZONE_PREFIXES,
-        NO_DEVICE_IFACE, PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_PENDING, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS,
+        MAP_ZONE_PREFIXES, NO_DEVICE_IFACE, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -583,11 +583,32 @@ impl Datapath {
 
     /// The inventory of sources that no device owns, as the kernel saw them.
     pub fn unknown_sources(&mut self) -> Result<Vec<(UnknownKey, UnknownSeen)>, DatapathError> {
-        Ok(self
+        let mut sources: std::collections::BTreeMap<UnknownKey, UnknownSeen> = self
             .hash::<UnknownKey, UnknownSeen>(MAP_UNKNOWN_SOURCES)?
             .iter()
             .filter_map(Result::ok)
-            .collect())
+            .collect();
+        // Each CPU's packets of its last source that the programs have not added yet.
+        let map = self
+            .ebpf
+            .map(MAP_UNKNOWN_PENDING)
+            .ok_or(DatapathError::Missing(MAP_UNKNOWN_PENDING))?;
+        let pending: PerCpuArray<&MapData, UnknownPending> =
+            PerCpuArray::try_from(map).map_err(map_err(MAP_UNKNOWN_PENDING))?;
+        for last in pending
+            .get(&0, 0)
+            .map_err(map_err(MAP_UNKNOWN_PENDING))?
+            .iter()
+            .filter(|last| last.packets > 0)
+        {
+            let seen = sources.entry(last.key).or_insert(UnknownSeen {
+                first_seen_ns: last.last_seen_ns,
+                ..UnknownSeen::default()
+            });
+            seen.packets += last.packets;
+            seen.last_seen_ns = seen.last_seen_ns.max(last.last_seen_ns);
+        }
+        Ok(sources.into_iter().collect())
     }
 
     /// Installs `policy` atomically: writes it into the idle generation, flips the live

@@ -1427,3 +1427,41 @@ fn a_kept_drop_holds_only_while_nothing_it_was_judged_by_changed() {
     failures.extend(run(&mut kernel, &host, &policy, &audited.rows));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Packets from unknown sources are counted in the inventory, whether they went there at
+/// once or waited in a CPU's count of its last source (`UnknownPending`).
+#[test]
+fn the_inventory_counts_every_packet_of_unknown_sources() {
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(compiled(&DeviceState::default()))
+        .expect("installing the policy");
+    let stranger = |last: u8| v4(10, 20, 9, last);
+    let send = |kernel: &mut Kernel, source: IpAddr, packets: u32| {
+        let frame = tcp(source, V4.broker, 40000, 8883).mac(EVIL_MAC).bytes();
+        let run = TestRun {
+            hook: FROM,
+            frame: &frame,
+            repeat: packets,
+        };
+        let result = kernel.datapath.test_run(run).expect("a test run");
+        assert!(!result.passes(FROM), "an unknown source's packet passed");
+    };
+    // Interleaved, so that each source's count waits and is added in turn.
+    send(&mut kernel, stranger(1), 5);
+    send(&mut kernel, stranger(2), 1);
+    send(&mut kernel, stranger(1), 3);
+    let counted: BTreeMap<IpAddr, u64> = kernel
+        .datapath
+        .unknown_sources()
+        .expect("reading the inventory")
+        .into_iter()
+        .map(|(key, seen)| (IpAddr::from(key.addr).to_canonical(), seen.packets))
+        .collect();
+    assert_eq!(
+        counted,
+        BTreeMap::from([(stranger(1), 8), (stranger(2), 1)]),
+        "packets per unknown source"
+    );
+}
