@@ -48,20 +48,30 @@ pub trait Tables {
     /// Changes the flow entry `key` in place, if it is there (true): an entry removed in
     /// the meantime (a quarantine cut) must stay removed.
     fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool;
+
+    // The caches in front of the flow table. The kernel keeps them per CPU; the host keeps
+    // none (these defaults), so that it judges every packet from its tables.
+
     /// The flow entry `key` as [`Tables::tracked`] last found it, if it is still at hand: a
-    /// cache that spares a packet the flow table's lookup (the kernel keeps one per CPU;
-    /// the host none). It may be older than the table's: the caller says how old it takes.
-    fn recent(&self, key: &FlowKey) -> Option<FlowEntry>;
+    /// cache that spares a packet the flow table's lookup. It may be older than the table's:
+    /// the caller says how old it takes.
+    fn recent(&self, _key: &FlowKey) -> Option<FlowEntry> {
+        None
+    }
     /// A stamp of the last write (add, change) to the flow entry of `key`, which changes
     /// with every such write (and may with writes to others): a [`RecentDrop`] holds only
-    /// while it has not changed (the host: 0, never written).
-    fn flow_writes(&self, key: &FlowKey) -> u64;
+    /// while it has not changed.
+    fn flow_writes(&self, _key: &FlowKey) -> u64 {
+        0
+    }
     /// Whether `holds` says so of the drop of a packet of `key` that
-    /// [`Tables::remember_drop`] left, if it is still at hand (the kernel keeps some per
-    /// CPU; the host none). Read in place: a copy would cost the hooks' stack frames.
-    fn recent_drop(&self, key: &FlowKey, holds: impl FnOnce(&RecentDrop) -> bool) -> bool;
+    /// [`Tables::remember_drop`] left, if it is still at hand. Read in place: a copy would
+    /// cost the hooks' stack frames.
+    fn recent_drop(&self, _key: &FlowKey, _holds: impl FnOnce(&RecentDrop) -> bool) -> bool {
+        false
+    }
     /// Keeps `drop`, just decided for a packet of `key`, at hand for [`Tables::recent_drop`].
-    fn remember_drop(&self, key: &FlowKey, drop: &RecentDrop);
+    fn remember_drop(&self, _key: &FlowKey, _drop: &RecentDrop) {}
     /// The fragmented datagram `key`, if its first fragment passed.
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry>;
     /// Lets the other fragments of datagram `key` pass.
@@ -327,31 +337,18 @@ pub fn judge_from_device<T: Tables>(
     now_ns: u64,
 ) -> Decision {
     let mut decided = Decision::new(Reason::Reply);
-    let mut flow_writes = 0;
-    let tracked = match packet {
+    let (tracked, flow_writes) = match packet {
         Parsed::Ip(flow) if has_own_entry_from_device(flow) => {
-            match own_entry(
-                tables,
-                config,
-                flow,
-                Some(&flow.src_mac),
-                now_ns,
-                &mut decided,
-            ) {
-                OwnEntry::Decided => {
-                    remember_first_fragment(tables, flow, &decided, now_ns);
-                    return decided;
-                }
+            let sender_mac = Some(&flow.src_mac);
+            match own_entry(tables, config, flow, sender_mac, now_ns, &mut decided) {
+                OwnEntry::Decided => return decided_on_own_entry(tables, flow, decided, now_ns),
                 OwnEntry::Judge {
                     tracked,
-                    flow_writes: writes,
-                } => {
-                    flow_writes = writes;
-                    tracked
-                }
+                    flow_writes,
+                } => (tracked, flow_writes),
             }
         }
-        _ => false,
+        _ => (false, 0),
     };
     let decision = decide_from_device(tables, config, packet, tracked, now_ns);
     if let Parsed::Ip(flow) = packet {
@@ -361,6 +358,19 @@ pub fn judge_from_device<T: Tables>(
         leave_behind::<T, true>(tables, config, flow, &decision, own, flow_writes, now_ns);
     }
     decision
+}
+
+/// `decided`, which `flow`'s own entry or kept drop gave: a first fragment that passes on
+/// it lets the rest of its datagram pass too.
+#[inline(always)]
+fn decided_on_own_entry<T: Tables>(
+    tables: &T,
+    flow: &Flow,
+    decided: Decision,
+    now_ns: u64,
+) -> Decision {
+    remember_first_fragment(tables, flow, &decided, now_ns);
+    decided
 }
 
 /// Is `flow`, from a device, one that its own flow entry may decide? Not ICMP errors
@@ -390,24 +400,17 @@ pub fn judge_to_device<T: Tables>(
     now_ns: u64,
 ) -> Decision {
     let mut decided = Decision::new(Reason::Reply);
-    let mut flow_writes = 0;
-    let tracked = match packet {
+    let (tracked, flow_writes) = match packet {
         Parsed::Ip(flow) if has_own_entry_to_device(flow, from_device_iface) => {
             match own_entry(tables, config, flow, None, now_ns, &mut decided) {
-                OwnEntry::Decided => {
-                    remember_first_fragment(tables, flow, &decided, now_ns);
-                    return decided;
-                }
+                OwnEntry::Decided => return decided_on_own_entry(tables, flow, decided, now_ns),
                 OwnEntry::Judge {
                     tracked,
-                    flow_writes: writes,
-                } => {
-                    flow_writes = writes;
-                    tracked
-                }
+                    flow_writes,
+                } => (tracked, flow_writes),
             }
         }
-        _ => false,
+        _ => (false, 0),
     };
     let decision = decide_to_device(tables, config, packet, from_device_iface, tracked, now_ns);
     if let Parsed::Ip(flow) = packet {

@@ -22,7 +22,7 @@ use agent_ebpf::{
         MAX_ZONE_PREFIXES, PREFIXES_ANY_PROTOCOL, PREFIXES_PORTLESS, PROTO_ANY, SEGMENT_AUDIT,
         V4_MAPPED_PREFIX_BITS,
     },
-    verdict::{RecentDrop, Tables, IDENTITY_QUARANTINED, IDENTITY_WORLD},
+    verdict::{Tables, IDENTITY_QUARANTINED, IDENTITY_WORLD},
 };
 use ipnet::{IpNet, Ipv6Net};
 
@@ -951,20 +951,6 @@ impl Tables for CompiledPolicy {
     fn update(&self, _key: &FlowKey, _change: impl FnOnce(&mut FlowEntry)) -> bool {
         false
     }
-
-    fn recent(&self, _key: &FlowKey) -> Option<FlowEntry> {
-        None
-    }
-
-    fn flow_writes(&self, _key: &FlowKey) -> u64 {
-        0
-    }
-
-    fn recent_drop(&self, _key: &FlowKey, _holds: impl FnOnce(&RecentDrop) -> bool) -> bool {
-        false
-    }
-
-    fn remember_drop(&self, _key: &FlowKey, _drop: &RecentDrop) {}
 
     fn datagram(&self, _key: &DatagramKey) -> Option<DatagramEntry> {
         None

@@ -17,7 +17,7 @@ use agent_ebpf::{
         PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, CONFIG_AUDIT,
     },
     parse::{parse, Packet},
-    verdict::{drop_reason, judge_from_device, judge_to_device, Reason, RecentDrop, Tables},
+    verdict::{drop_reason, judge_from_device, judge_to_device, Reason, Tables},
 };
 use segward::{
     datapath::{Counters, Datapath, Hook, TestRun},
@@ -625,22 +625,6 @@ impl Tables for HostTables<'_> {
     fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool {
         self.flows.borrow_mut().get_mut(key).map(change).is_some()
     }
-
-    /// None: the host reference judges every packet from its flow table.
-    fn recent(&self, _key: &FlowKey) -> Option<FlowEntry> {
-        None
-    }
-
-    fn flow_writes(&self, _key: &FlowKey) -> u64 {
-        0
-    }
-
-    /// None: the host reference judges every packet in full.
-    fn recent_drop(&self, _key: &FlowKey, _holds: impl FnOnce(&RecentDrop) -> bool) -> bool {
-        false
-    }
-
-    fn remember_drop(&self, _key: &FlowKey, _drop: &RecentDrop) {}
 
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry> {
         self.datagrams.borrow().get(key).copied()
