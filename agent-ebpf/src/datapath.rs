@@ -248,6 +248,18 @@ impl Tables for MapTables {
     }
 
     #[inline(always)]
+    fn refresh(&self, key: &FlowKey, now_ns: u64) -> bool {
+        match CONNTRACK.get_ptr_mut(key) {
+            // SAFETY: plain data; a racing writer can at worst store a similar time.
+            Some(entry) => {
+                unsafe { (*entry).last_seen_ns = now_ns };
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[inline(always)]
     fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool {
         match CONNTRACK.get_ptr_mut(key) {
             // SAFETY: plain data; a racing writer can at worst store a similar change.

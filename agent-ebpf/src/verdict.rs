@@ -48,6 +48,12 @@ pub trait Tables {
     /// Changes the flow entry `key` in place, if it is there (true): an entry removed in
     /// the meantime (a quarantine cut) must stay removed.
     fn update(&self, key: &FlowKey, change: impl FnOnce(&mut FlowEntry)) -> bool;
+    /// Marks the flow entry `key`, found live, seen at `now_ns`, if it is there (true). Keeping
+    /// a live entry alive changes no verdict, so the kernel leaves no stamp for it (see
+    /// [`Tables::flow_writes`]): a busy flow table would otherwise end kept drops each second.
+    fn refresh(&self, key: &FlowKey, now_ns: u64) -> bool {
+        self.update(key, |e| e.last_seen_ns = now_ns)
+    }
 
     // The caches in front of the flow table. The kernel keeps them per CPU; the host keeps
     // none (these defaults), so that it judges every packet from its tables.
@@ -784,9 +790,10 @@ fn own_entry<T: Tables>(
     let passes = passes_on(&entry, decided);
     // Timeouts count in seconds: refreshing more often than once a second is waste.
     if idle > REFRESH_NS {
-        let _ = tables.update(&key, |e| e.last_seen_ns = now_ns);
+        let _ = tables.refresh(&key, now_ns);
         // An opener's packets keep its replies' entry alive too; without it (evicted), the
-        // full judgement tracks the replies again.
+        // full judgement tracks the replies again. Not a refresh: that entry was not found
+        // live, and its replies may have been dropped as expired.
         if entry.flags & FLOW_OPENER != 0
             && !tables.update(&reply_key(flow), |e| e.last_seen_ns = now_ns)
         {
@@ -1007,7 +1014,7 @@ fn track_replies<T: Tables>(
         return Tracked::New;
     };
     if now_ns.saturating_sub(entry.last_seen_ns) > REFRESH_NS {
-        let _ = tables.update(&reply, |e| e.last_seen_ns = now_ns);
+        let _ = tables.refresh(&reply, now_ns);
     }
     if entry.flags & FLOW_ANSWERED != 0 {
         Tracked::Answered
