@@ -538,12 +538,25 @@ impl Datapath {
     /// flows (checked entries, kept drops) was decided under the old ones. Nothing is
     /// written if nothing changes; nothing is changed if the write fails.
     fn change_settings(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DatapathError> {
-        let old = self.config;
-        change(&mut self.config);
-        if self.config == old {
+        let mut config = self.config;
+        change(&mut config);
+        if config == self.config {
             return Ok(());
         }
-        self.config.epoch = next_epoch(old.epoch);
+        self.write_config_in_new_epoch(config)
+    }
+
+    /// Starts a new epoch: every tracked flow is checked anew at its next packet, and
+    /// what the programs keep of flows (their entries' copies, kept drops) is dropped. For
+    /// after flows were deleted behind the programs' backs ([`FlowCutter`]).
+    pub fn start_epoch(&mut self) -> Result<(), DatapathError> {
+        self.write_config_in_new_epoch(self.config)
+    }
+
+    /// Writes `config` in the epoch after this one; on failure, nothing changes.
+    fn write_config_in_new_epoch(&mut self, mut config: Config) -> Result<(), DatapathError> {
+        config.epoch = next_epoch(self.config.epoch);
+        let old = std::mem::replace(&mut self.config, config);
         self.write_config().inspect_err(|_| self.config = old)
     }
 

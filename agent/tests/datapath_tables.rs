@@ -1465,3 +1465,55 @@ fn the_inventory_counts_every_packet_of_unknown_sources() {
         "packets per unknown source"
     );
 }
+
+/// A flow cut behind the programs' backs (the daemon's flow-cutter) lives on in a CPU's copy
+/// of its entry (`RECENT_FLOWS`) for up to a second; the new epoch the daemon starts after
+/// a cut ends that at once.
+#[test]
+fn a_new_epoch_after_a_flow_cut_ends_the_copies_of_its_entries() {
+    // One CPU, so that every run finds the copy the one before left.
+    let mut cpu = nix::sched::CpuSet::new();
+    cpu.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pinning to CPU 0");
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(compiled(&DeviceState::default()))
+        .expect("installing the policy");
+    let query = udp(V4.t1, V4.ntp, 40200, 123).mac(T1_MAC).bytes();
+    let reply = udp(V4.ntp, V4.t1, 123, 40200).bytes();
+    let verdict =
+        |kernel: &mut Kernel, hook, frame: &[u8]| kernel.run(hook, frame).expect("a test run");
+    assert_eq!(
+        verdict(&mut kernel, FROM, &query),
+        Pass(Allowed).verdict(),
+        "the query"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            verdict(&mut kernel, UPLINK, &reply),
+            Pass(Reply).verdict(),
+            "the reply"
+        );
+    }
+    let IpAddr::V4(t1) = V4.t1 else {
+        unreachable!()
+    };
+    let cut = kernel
+        .datapath
+        .flow_cutter()
+        .expect("a flow cutter")
+        .cut(&[], &[v4_mapped(t1.octets())]);
+    assert!(cut > 0, "no flow of temp-001 was cut");
+    assert_eq!(
+        verdict(&mut kernel, UPLINK, &reply),
+        Pass(Reply).verdict(),
+        "the reply, in the second after the cut (the copy of its entry)"
+    );
+    kernel.datapath.start_epoch().expect("starting an epoch");
+    assert_eq!(
+        verdict(&mut kernel, UPLINK, &reply),
+        Drop(DefaultDeny).verdict(),
+        "the reply of a cut flow, in a new epoch"
+    );
+}

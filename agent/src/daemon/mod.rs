@@ -99,7 +99,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         binds: state.binds.clone(),
         leases: state.leases.clone(),
     };
-    let datapath_cutter = datapath.flow_cutter()?;
+    let (flow_cuts, mut flows_cut) = spawn_flow_cutter(datapath.flow_cutter()?)?;
     let mut agent = Agent {
         gateway: netns.gateway_addresses()?,
         device_index: DeviceIndex::new(&policy),
@@ -118,7 +118,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         started: Instant::now(),
         next_lease_expiry: None,
         pending_cuts: PendingCuts::default(),
-        flow_cuts: spawn_flow_cutter(datapath_cutter)?,
+        flow_cuts,
     };
     let compiled = agent.compile(&agent.policy, &agent.device_index)?;
     agent.install(compiled)?;
@@ -207,6 +207,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let _ = agent.reload_if_changed();
             }
             Some(()) = next_change(&mut lease_watch) => agent.leases_changed(),
+            Some(()) = flows_cut.recv() => agent.flows_cut(),
             _ = tokio::time::sleep(lease_expiry), if agent.next_lease_expiry.is_some() => {
                 agent.leases_changed();
             }
@@ -234,21 +235,27 @@ struct PendingCuts {
 }
 
 /// Deletes tracked flows on a thread of its own: a walk over a full flow table takes long
-/// enough (~100 ms at 60k flows) to hold up the commands that come after it.
+/// enough (~100 ms at 60k flows) to hold up the commands that come after it. Says on the
+/// receiver when a cut is done.
 fn spawn_flow_cutter(
     mut cutter: FlowCutter,
-) -> anyhow::Result<std::sync::mpsc::Sender<PendingCuts>> {
+) -> anyhow::Result<(
+    std::sync::mpsc::Sender<PendingCuts>,
+    mpsc::UnboundedReceiver<()>,
+)> {
     let (tx, rx) = std::sync::mpsc::channel::<PendingCuts>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("flow-cutter".into())
         .spawn(move || {
             for cuts in rx {
                 let cut = cutter.cut(&cuts.devices, &cuts.addrs);
                 debug!(cut, "tracked flows cut");
+                let _ = done_tx.send(());
             }
         })
         .context("starting the flow-cutter thread")?;
-    Ok(tx)
+    Ok((tx, done_rx))
 }
 
 /// The daemon's state, owned by its one task.
@@ -680,6 +687,14 @@ impl Agent {
             .is_err()
         {
             warn!("the flow-cutter thread is gone; tracked flows are no longer cut");
+        }
+    }
+
+    /// After the flow-cutter thread deleted flows: the programs' per-CPU copies of their
+    /// entries (`RECENT_FLOWS`) go too, with a new epoch.
+    fn flows_cut(&mut self) {
+        if let Err(e) = self.datapath.start_epoch() {
+            warn!(error = %e, "starting a new epoch after a flow cut");
         }
     }
 
