@@ -74,21 +74,23 @@ static EVENT_RATE: LruHashMap<Addr, EventRate> = LruHashMap::with_max_entries(MA
 #[map]
 static OVER_LIMIT: PerCpuArray<OverLimit> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU, flow entries as the table gave them lately, direct-mapped by a hash of the
-/// tuple: `Tables::recent`. The flow table's lookup is a hash of a 40-byte key and three
+/// Per CPU, flow entries as the table gave them lately, with the stamp of their last write
+/// (`FLOW_STAMPS`), direct-mapped by a hash of the tuple: `Tables::recent`. The flow table's lookup is a hash of a 40-byte key and three
 /// calls in the kernel; this one is inlined. Per CPU, so that no other CPU writes a slot
 /// while a packet reads it (a torn slot could pair one flow's tuple with another's entry).
 /// Not pinned: a new program's starts empty.
 #[map]
 static RECENT_FLOWS: PerCpuArray<RecentFlow> = PerCpuArray::with_max_entries(RECENT_FLOW_SLOTS, 0);
 
-/// Slots per CPU (64 bytes each): flows beyond that many share slots, and take turns.
+/// Slots per CPU (72 bytes each): flows beyond that many share slots, and take turns.
 const RECENT_FLOW_SLOTS: u32 = 4096;
 
 #[repr(C)]
 struct RecentFlow {
     key: FlowKey,
     entry: FlowEntry,
+    /// `Tables::flow_writes` of the key before the entry was copied.
+    flow_writes: u64,
 }
 
 /// Per CPU, drops of flows judged in full, direct-mapped as `RECENT_FLOWS`:
@@ -227,6 +229,11 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn tracked(&self, key: &FlowKey) -> Option<FlowEntry> {
+        unsafe { CONNTRACK.get(key).copied() }
+    }
+
+    #[inline(always)]
+    fn tracked_and_kept(&self, key: &FlowKey, flow_writes: u64) -> Option<FlowEntry> {
         let entry = CONNTRACK.get_ptr(key)?;
         if let Some(slot) = RECENT_FLOWS.get_ptr_mut(recent_slot(key, RECENT_FLOW_SLOTS)) {
             // SAFETY: this CPU's slot, which nothing else writes while we run; the entry is
@@ -234,6 +241,7 @@ impl Tables for MapTables {
             unsafe {
                 (*slot).key = *key;
                 (*slot).entry = *entry;
+                (*slot).flow_writes = flow_writes;
             }
         }
         // SAFETY: as above.
@@ -273,10 +281,13 @@ impl Tables for MapTables {
     }
 
     #[inline(always)]
-    fn recent(&self, key: &FlowKey) -> Option<FlowEntry> {
+    fn recent(&self, key: &FlowKey, flow_writes: u64) -> Option<FlowEntry> {
         let slot = RECENT_FLOWS.get_ptr(recent_slot(key, RECENT_FLOW_SLOTS))?;
         // SAFETY: this CPU's slot, which nothing else writes while we run.
-        unsafe { same_key(&(*slot).key, key).then(|| (*slot).entry) }
+        unsafe {
+            ((*slot).flow_writes == flow_writes && same_key(&(*slot).key, key))
+                .then(|| (*slot).entry)
+        }
     }
 
     #[inline(always)]

@@ -147,7 +147,8 @@ pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// The live generation slot (0 or 1).
+    /// The live generation slot (0 or 1), always the parity of `epoch`, which is what the
+    /// programs read ([`Config::live_generation`]).
     pub generation: u8,
     /// [`CONFIG_AUDIT`] and friends.
     pub flags: u8,
@@ -156,7 +157,8 @@ pub struct Config {
     pub timeout_tcp: u32,
     pub timeout_udp: u32,
     pub timeout_other: u32,
-    /// Counts installs and changes of these settings (never 0): a tracked flow checked in
+    /// Counts installs and changes of these settings (never 0; an install changes its
+    /// parity, nothing else does): a tracked flow checked in
     /// this epoch passes on its flow entry alone, one checked in an earlier one is checked
     /// again (see [`FlowEntry`]); a drop kept in an earlier one is judged again.
     pub epoch: u32,
@@ -171,12 +173,19 @@ impl Default for Config {
             timeout_tcp: Self::DEFAULT_TIMEOUT_TCP,
             timeout_udp: Self::DEFAULT_TIMEOUT_UDP,
             timeout_other: Self::DEFAULT_TIMEOUT_OTHER,
-            epoch: 1,
+            epoch: 2,
         }
     }
 }
 
 impl Config {
+    /// The live generation slot, read off the epoch: one load, so a packet reading `CONFIG`
+    /// while the daemon rewrites it gets an epoch and a generation that belong together.
+    #[inline(always)]
+    pub const fn live_generation(&self) -> u8 {
+        (self.epoch & 1) as u8
+    }
+
     pub const DEFAULT_TIMEOUT_TCP: u32 = 3600;
     pub const DEFAULT_TIMEOUT_UDP: u32 = 120;
     pub const DEFAULT_TIMEOUT_OTHER: u32 = 30;

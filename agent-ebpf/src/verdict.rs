@@ -40,9 +40,13 @@ pub trait Tables {
     fn zone(&self, key: &AddrKey) -> Option<ZoneIdentity>;
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy>;
     fn policy(&self, key: &PolicyKey) -> Option<PolicyValue>;
-    /// The flow entry of packets that look like `key`. The kernel also keeps it at hand for
-    /// [`Tables::recent`], as it is now.
+    /// The flow entry of packets that look like `key`.
     fn tracked(&self, key: &FlowKey) -> Option<FlowEntry>;
+    /// As [`Tables::tracked`], for a packet of `key`: the kernel also keeps a copy at hand
+    /// for [`Tables::recent`], with `flow_writes` ([`Tables::flow_writes`], read before).
+    fn tracked_and_kept(&self, key: &FlowKey, _flow_writes: u64) -> Option<FlowEntry> {
+        self.tracked(key)
+    }
     /// Adds or replaces the flow entry of packets that look like `key`.
     fn track(&self, key: &FlowKey, entry: &FlowEntry);
     /// Changes the flow entry `key` in place, if it is there (true): an entry removed in
@@ -58,15 +62,16 @@ pub trait Tables {
     // The caches in front of the flow table. The kernel keeps them per CPU; the host keeps
     // none (these defaults), so that it judges every packet from its tables.
 
-    /// The flow entry `key` as [`Tables::tracked`] last found it, if it is still at hand: a
-    /// cache that spares a packet the flow table's lookup. It may be older than the table's:
-    /// the caller says how old it takes.
-    fn recent(&self, _key: &FlowKey) -> Option<FlowEntry> {
+    /// The flow entry `key` as [`Tables::tracked_and_kept`] last found it, if it is still at hand and
+    /// no write has changed it since (its [`Tables::flow_writes`] is still `flow_writes`): a
+    /// cache that spares a packet the flow table's lookup. Its time may be older than the
+    /// table's (a refresh is not a write): the caller says how old it takes.
+    fn recent(&self, _key: &FlowKey, _flow_writes: u64) -> Option<FlowEntry> {
         None
     }
     /// A stamp of the last write (add, change) to the flow entry of `key`, which changes
-    /// with every such write (and may with writes to others): a [`RecentDrop`] holds only
-    /// while it has not changed.
+    /// with every such write (and may with writes to others): a copy of the entry
+    /// ([`Tables::recent`]) and a [`RecentDrop`] hold only while it has not changed.
     fn flow_writes(&self, _key: &FlowKey) -> u64 {
         0
     }
@@ -551,7 +556,7 @@ fn decide_from_device<T: Tables>(
     ) {
         return passed(Reason::Reply);
     }
-    let generation = config.generation & 1;
+    let generation = config.live_generation();
     let Some(segment) = tables.segment(&segment_key(generation, source.segment)) else {
         return device_drop(config, &source, Reason::DefaultDeny);
     };
@@ -630,7 +635,7 @@ fn decide_to_device<T: Tables>(
     if is_quarantined(&destination) {
         return device_drop(config, &destination, Reason::Quarantined);
     }
-    let generation = config.generation & 1;
+    let generation = config.live_generation();
     let Some(segment) = tables.segment(&segment_key(generation, destination.segment)) else {
         return device_drop(config, &destination, Reason::DefaultDeny);
     };
@@ -750,10 +755,12 @@ fn own_entry<T: Tables>(
     decided: &mut Decision,
 ) -> OwnEntry {
     let key = flow_key(flow);
-    // An entry found less than a second after its last refresh (so less than a second ago)
-    // that was checked then and passes the packet now, passes it: the table is asked again
-    // (and refreshed) once a second.
-    if let Some(entry) = tables.recent(&key) {
+    // Read before the table: a write after it makes what is judged now stale.
+    let flow_writes = tables.flow_writes(&key);
+    // A copy of the entry, unchanged since, found less than a second after the entry's last
+    // refresh, that was checked and passes the packet now, passes it: the table is asked
+    // again (and refreshed) once a second.
+    if let Some(entry) = tables.recent(&key, flow_writes) {
         let idle = now_ns.saturating_sub(entry.last_seen_ns);
         if idle < REFRESH_NS.min(timeout_ns(config, flow.protocol))
             && checked_for(config, &entry, sender_mac)
@@ -761,8 +768,6 @@ fn own_entry<T: Tables>(
             return passes_on(&entry, decided);
         }
     }
-    // Read before the table: a write after it makes what is judged now stale.
-    let flow_writes = tables.flow_writes(&key);
     let dropped = tables.recent_drop(&key, |drop| {
         let holds = drop.holds(config, sender_mac, flow_writes, now_ns);
         if holds {
@@ -773,7 +778,7 @@ fn own_entry<T: Tables>(
     if dropped {
         return OwnEntry::Decided;
     }
-    let Some(entry) = tables.tracked(&key) else {
+    let Some(entry) = tables.tracked_and_kept(&key, flow_writes) else {
         return OwnEntry::Judge {
             tracked: false,
             flow_writes,
@@ -1084,7 +1089,7 @@ fn segment_key(generation: u8, segment: u16) -> SegmentKey {
 #[inline(always)]
 fn addr_key(config: &Config, addr: &Addr) -> AddrKey {
     AddrKey {
-        generation: config.generation & 1,
+        generation: config.live_generation(),
         _pad: [0, 0, 0],
         addr: *addr,
     }

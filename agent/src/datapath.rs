@@ -347,7 +347,7 @@ impl Datapath {
         let adopted = datapath.read_config()?;
         if adopted.timeout_tcp != 0 {
             datapath.config = Config {
-                epoch: adopted.epoch.max(1),
+                epoch: epoch_for(adopted.epoch, adopted.generation),
                 ..adopted
             };
         }
@@ -555,7 +555,7 @@ impl Datapath {
 
     /// Writes `config` in the epoch after this one; on failure, nothing changes.
     fn write_config_in_new_epoch(&mut self, mut config: Config) -> Result<(), DatapathError> {
-        config.epoch = next_epoch(self.config.epoch);
+        config.epoch = epoch_for(self.config.epoch, config.generation);
         let old = std::mem::replace(&mut self.config, config);
         self.write_config().inspect_err(|_| self.config = old)
     }
@@ -677,7 +677,7 @@ impl Datapath {
         let epoch = self.config.epoch;
         self.config.generation = next;
         // Flows checked under the old epoch are checked again (maps.rs, `FlowEntry`).
-        self.config.epoch = next_epoch(epoch);
+        self.config.epoch = epoch_for(epoch, next);
         if let Err(e) = self.write_config() {
             self.config.generation = old;
             self.config.epoch = epoch;
@@ -1052,9 +1052,23 @@ fn pin_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
     })
 }
 
-/// The epoch after `epoch` (never 0: entries not yet checked have 0).
-fn next_epoch(epoch: u32) -> u32 {
-    epoch.checked_add(1).unwrap_or(1)
+/// The first epoch after `epoch` whose parity is `generation`: the programs read the live
+/// generation off the epoch, so that one 4-byte load gives both, and no packet can pair the
+/// new epoch with the old generation (a `CONFIG` update is a copy, not atomic). Never 0:
+/// entries not yet checked have 0.
+fn epoch_for(epoch: u32, generation: u8) -> u32 {
+    let next = epoch.wrapping_add(1);
+    let next = if next & 1 == u32::from(generation & 1) {
+        next
+    } else {
+        next.wrapping_add(1)
+    };
+    // 0 is even: the next even epoch.
+    if next == 0 {
+        2
+    } else {
+        next
+    }
 }
 
 /// The `DEVICE_IFACE_SLOTS` values for the device-facing interfaces `ifindexes`: each
@@ -1129,7 +1143,7 @@ mod legacy {
                 timeout_tcp: old.timeout_tcp,
                 timeout_udp: old.timeout_udp,
                 timeout_other: old.timeout_other,
-                epoch: 1,
+                epoch: epoch_for(0, old.generation),
             });
             unpin(&config_pin)?;
         }
@@ -1250,4 +1264,35 @@ fn batch<K: Pod, V: Pod>(
         });
     }
     Ok(processed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epoch_for;
+
+    #[test]
+    fn an_epoch_says_its_generation_and_is_never_0() {
+        // (epoch now, generation next, the epoch after): an install flips the parity, a
+        // change of settings keeps it; both wrap around past 0.
+        let cases = [
+            (2, 1, 3),
+            (3, 1, 5),
+            (3, 0, 4),
+            (2, 0, 4),
+            (u32::MAX, 0, 2),
+            (u32::MAX, 1, 1),
+            (u32::MAX - 1, 0, 2),
+            (u32::MAX - 1, 1, u32::MAX),
+            (0, 0, 2),
+            (0, 1, 1),
+        ];
+        for (epoch, generation, expected) in cases {
+            let next = epoch_for(epoch, generation);
+            assert_eq!(
+                next, expected,
+                "after epoch {epoch}, for generation {generation}"
+            );
+            assert_eq!(next & 1, u32::from(generation), "the parity of {next}");
+        }
+    }
 }
