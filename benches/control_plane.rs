@@ -456,6 +456,15 @@ fn daemon_memory(pid: u32) -> Result<Vec<(&'static str, u64)>> {
     }
     Ok(vec![
         ("daemon RSS (VmRSS)", kib("VmRSS:")?),
+        ("of which anonymous (RssAnon)", kib("RssAnon:")?),
+        (
+            "of which files (RssFile: the binary, libraries)",
+            kib("RssFile:")?,
+        ),
+        (
+            "of which shared (RssShmem: the events ring buffer)",
+            kib("RssShmem:")?,
+        ),
         ("daemon peak RSS (VmHWM)", kib("VmHWM:")?),
         ("BPF maps (memlock of the daemon's map descriptors)", maps),
     ])
