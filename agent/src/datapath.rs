@@ -492,12 +492,7 @@ impl Datapath {
             .keys()
             .collect::<Result<Vec<u32>, _>>()
             .map_err(map_err(MAP_DEVICE_IFACES))?;
-        let mut slots: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_DEVICE_IFACE_SLOTS)
-                .ok_or(DatapathError::Missing(MAP_DEVICE_IFACE_SLOTS))?,
-        )
-        .map_err(map_err(MAP_DEVICE_IFACE_SLOTS))?;
+        let mut slots = self.array_mut::<u32>(MAP_DEVICE_IFACE_SLOTS)?;
         for (slot, value) in device_iface_slots(&ifindexes).into_iter().enumerate() {
             slots
                 .set(slot as u32, value, 0)
@@ -602,12 +597,7 @@ impl Datapath {
             .filter_map(Result::ok)
             .collect();
         // Each CPU's packets of its last source that the programs have not added yet.
-        let map = self
-            .ebpf
-            .map(MAP_UNKNOWN_PENDING)
-            .ok_or(DatapathError::Missing(MAP_UNKNOWN_PENDING))?;
-        let pending: PerCpuArray<&MapData, UnknownPending> =
-            PerCpuArray::try_from(map).map_err(map_err(MAP_UNKNOWN_PENDING))?;
+        let pending = self.per_cpu_array::<UnknownPending>(MAP_UNKNOWN_PENDING)?;
         for last in pending
             .get(&0, 0)
             .map_err(map_err(MAP_UNKNOWN_PENDING))?
@@ -771,13 +761,8 @@ impl Datapath {
 
     /// One slot of the per-CPU counters, summed over CPUs.
     fn counter(&self, slot: u32) -> Result<u64, DatapathError> {
-        let map = self
-            .ebpf
-            .map(MAP_COUNTERS)
-            .ok_or(DatapathError::Missing(MAP_COUNTERS))?;
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(map_err(MAP_COUNTERS))?;
-        Ok(counters
+        Ok(self
+            .per_cpu_array::<u64>(MAP_COUNTERS)?
             .get(&slot, 0)
             .map_err(map_err(MAP_COUNTERS))?
             .iter()
@@ -801,13 +786,10 @@ impl Datapath {
     }
 
     fn write_config(&mut self) -> Result<(), DatapathError> {
-        let mut config: Array<&mut MapData, Config> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_CONFIG)
-                .ok_or(DatapathError::Missing(MAP_CONFIG))?,
-        )
-        .map_err(map_err(MAP_CONFIG))?;
-        config.set(0, self.config, 0).map_err(map_err(MAP_CONFIG))
+        let config = self.config;
+        self.array_mut::<Config>(MAP_CONFIG)?
+            .set(0, config, 0)
+            .map_err(map_err(MAP_CONFIG))
     }
 
     /// Writes `changes` into `generation`. Removing an entry that is not there (never
@@ -948,18 +930,32 @@ impl Datapath {
         HashMap::try_from(map).map_err(map_err(name))
     }
 
+    fn array_mut<V: Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Array<&mut MapData, V>, DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Missing(name))?;
+        Array::try_from(map).map_err(map_err(name))
+    }
+
+    fn per_cpu_array<V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<PerCpuArray<&MapData, V>, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+        PerCpuArray::try_from(map).map_err(map_err(name))
+    }
+
     fn set_zone_lengths(
         &mut self,
         generation: u8,
         lengths: &ZoneLengths,
     ) -> Result<(), DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_ZONE_LENGTHS)
-            .ok_or(DatapathError::Missing(MAP_ZONE_LENGTHS))?;
-        let mut all: Array<&mut MapData, ZoneLengths> =
-            Array::try_from(map).map_err(map_err(MAP_ZONE_LENGTHS))?;
-        all.set(u32::from(generation), lengths, 0)
+        self.array_mut::<ZoneLengths>(MAP_ZONE_LENGTHS)?
+            .set(u32::from(generation), lengths, 0)
             .map_err(map_err(MAP_ZONE_LENGTHS))
     }
 }
