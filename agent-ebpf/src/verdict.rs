@@ -347,55 +347,67 @@ pub fn judge_from_device<T: Tables>(
     packet: &Parsed,
     now_ns: u64,
 ) -> Decision {
-    let mut decided = Decision::new(Reason::Reply);
-    let (tracked, flow_writes) = match packet {
-        Parsed::Ip(flow) if has_own_entry_from_device(flow) => {
-            let sender_mac = Some(&flow.src_mac);
-            match own_entry(tables, config, flow, sender_mac, now_ns, &mut decided) {
-                OwnEntry::Decided => return decided_on_own_entry(tables, flow, decided, now_ns),
-                OwnEntry::Judge {
-                    tracked,
-                    flow_writes,
-                } => (tracked, flow_writes),
-            }
-        }
-        _ => (false, 0),
-    };
+    let (tracked, flow_writes) =
+        match judge_by_own_entry::<T, true>(tables, config, packet, false, now_ns) {
+            Ok(judge) => judge,
+            Err(decided) => return decided,
+        };
     let decision = decide_from_device(tables, config, packet, tracked, now_ns);
-    if let Parsed::Ip(flow) = packet {
-        // Asked again rather than carried over: a value carried across the full judgement
-        // would multiply the verifier's states.
-        let own = has_own_entry_from_device(flow);
-        leave_behind::<T, true>(tables, config, flow, &decision, own, flow_writes, now_ns);
-    }
+    leave_behind::<T, true>(
+        tables,
+        config,
+        packet,
+        &decision,
+        false,
+        flow_writes,
+        now_ns,
+    );
     decision
 }
 
-/// `decided`, which `flow`'s own entry or kept drop gave: a first fragment that passes on
-/// it lets the rest of its datagram pass too.
+/// What `packet`'s own flow entry or kept drop says ([`own_entry`]), at XDP (`FROM_DEVICE`)
+/// or at tc: `Err` the decision if it decides the packet (a first fragment that passes on
+/// it lets the rest of its datagram pass too); else how to judge it in full: whether it has
+/// an entry, and the stamp read before the table.
 #[inline(always)]
-fn decided_on_own_entry<T: Tables>(
+fn judge_by_own_entry<T: Tables, const FROM_DEVICE: bool>(
     tables: &T,
-    flow: &Flow,
-    decided: Decision,
+    config: &Config,
+    packet: &Parsed,
+    from_device_iface: bool,
     now_ns: u64,
-) -> Decision {
-    remember_first_fragment(tables, flow, &decided, now_ns);
-    decided
+) -> Result<(bool, u64), Decision> {
+    let Parsed::Ip(flow) = packet else {
+        return Ok((false, 0));
+    };
+    if !has_own_entry::<FROM_DEVICE>(flow, from_device_iface) {
+        return Ok((false, 0));
+    }
+    let sender_mac = FROM_DEVICE.then_some(&flow.src_mac);
+    let mut decided = Decision::new(Reason::Reply);
+    match own_entry(tables, config, flow, sender_mac, now_ns, &mut decided) {
+        OwnEntry::Decided => {
+            remember_first_fragment(tables, flow, &decided, now_ns);
+            Err(decided)
+        }
+        OwnEntry::Judge {
+            tracked,
+            flow_writes,
+        } => Ok((tracked, flow_writes)),
+    }
 }
 
-/// Is `flow`, from a device, one that its own flow entry may decide? Not ICMP errors
-/// (judged by the flow they quote) and not the essentials (never tracked).
+/// Is `flow` one that its own flow entry may decide, at XDP (`FROM_DEVICE`) or at tc? Not
+/// ICMP errors (judged by the flow they quote), not the essentials (never tracked), and at
+/// tc not what came in on a device-facing interface (judged there).
 #[inline(always)]
-fn has_own_entry_from_device(flow: &Flow) -> bool {
-    flow.related.is_none() && !is_essential(flow)
-}
-
-/// As [`has_own_entry_from_device`], towards a device: not what came in on a device-facing
-/// interface either (judged there).
-#[inline(always)]
-fn has_own_entry_to_device(flow: &Flow, from_device_iface: bool) -> bool {
-    !from_device_iface && flow.related.is_none() && !is_essential_reply(flow)
+fn has_own_entry<const FROM_DEVICE: bool>(flow: &Flow, from_device_iface: bool) -> bool {
+    let essential = if FROM_DEVICE {
+        is_essential(flow)
+    } else {
+        from_device_iface || is_essential_reply(flow)
+    };
+    flow.related.is_none() && !essential
 }
 
 /// A frame towards a device (tc egress on a device-facing interface). Frames that came in
@@ -410,43 +422,45 @@ pub fn judge_to_device<T: Tables>(
     from_device_iface: bool,
     now_ns: u64,
 ) -> Decision {
-    let mut decided = Decision::new(Reason::Reply);
-    let (tracked, flow_writes) = match packet {
-        Parsed::Ip(flow) if has_own_entry_to_device(flow, from_device_iface) => {
-            match own_entry(tables, config, flow, None, now_ns, &mut decided) {
-                OwnEntry::Decided => return decided_on_own_entry(tables, flow, decided, now_ns),
-                OwnEntry::Judge {
-                    tracked,
-                    flow_writes,
-                } => (tracked, flow_writes),
-            }
-        }
-        _ => (false, 0),
-    };
+    let (tracked, flow_writes) =
+        match judge_by_own_entry::<T, false>(tables, config, packet, from_device_iface, now_ns) {
+            Ok(judge) => judge,
+            Err(decided) => return decided,
+        };
     let decision = decide_to_device(tables, config, packet, from_device_iface, tracked, now_ns);
-    if let Parsed::Ip(flow) = packet {
-        let own = has_own_entry_to_device(flow, from_device_iface);
-        leave_behind::<T, false>(tables, config, flow, &decision, own, flow_writes, now_ns);
-    }
+    let iface = from_device_iface;
+    leave_behind::<T, false>(
+        tables,
+        config,
+        packet,
+        &decision,
+        iface,
+        flow_writes,
+        now_ns,
+    );
     decision
 }
 
-/// What a flow's packet judged in full leaves for others: a first fragment that passed lets
-/// the rest of its datagram pass; a drop of a flow whose own entry was looked up (`own`,
-/// with `flow_writes` read before) is kept for its next packets. `FROM_DEVICE`: judged at
-/// XDP.
+/// What a packet judged in full leaves for others: a first fragment that passed lets the
+/// rest of its datagram pass; a drop of a flow whose own entry was looked up (with
+/// `flow_writes` read before) is kept for its next packets. Whether it was looked up is
+/// asked again rather than carried over: a value carried across the full judgement would
+/// multiply the verifier's states.
 #[inline(always)]
 fn leave_behind<T: Tables, const FROM_DEVICE: bool>(
     tables: &T,
     config: &Config,
-    flow: &Flow,
+    packet: &Parsed,
     decision: &Decision,
-    own: bool,
+    from_device_iface: bool,
     flow_writes: u64,
     now_ns: u64,
 ) {
+    let Parsed::Ip(flow) = packet else {
+        return;
+    };
     remember_first_fragment(tables, flow, decision, now_ns);
-    if own && !decision.passes() {
+    if !decision.passes() && has_own_entry::<FROM_DEVICE>(flow, from_device_iface) {
         remember_drop::<T, FROM_DEVICE>(tables, config, flow, decision, flow_writes, now_ns);
     }
 }
