@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod heap;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
