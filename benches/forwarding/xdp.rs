@@ -1,6 +1,7 @@
 //! Tiny XDP programs, loaded and attached with raw bpf(2) calls: the packet generator (run
-//! with BPF_PROG_TEST_RUN in live-frames mode) and the XDP floor. Also GRO on a veth, which
-//! makes it take redirected frames without an XDP program of its own.
+//! with BPF_PROG_TEST_RUN in live-frames mode), the XDP floor, and map lookups alone (with
+//! the maps they look up). Also GRO on a veth, which makes it take redirected frames
+//! without an XDP program of its own.
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -9,6 +10,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -16,7 +19,11 @@ const BPF_F_TEST_XDP_LIVE_FRAMES: u64 = 1 << 1;
 pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 pub const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_FUNC_REDIRECT: i32 = 23;
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
 
@@ -85,15 +92,74 @@ pub fn floor(port: u16) -> Vec<u64> {
     ]
 }
 
-fn bpf(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<OwnedFd> {
+fn bpf_call(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a bpf_attr prefix of its length, alive for the call, and what it
     // points at is kept alive by the caller for the call too.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
-    if fd < 0 {
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) };
+    if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(ret)
+}
+
+/// A bpf(2) command that returns a new descriptor.
+fn bpf(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<OwnedFd> {
+    let fd = bpf_call(cmd, attr)?;
     // SAFETY: the kernel just gave us this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A map of `map_type` (`BPF_MAP_TYPE_*`) for `max_entries` entries.
+pub fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> Result<OwnedFd> {
+    let attr: Vec<u8> = [map_type, key_size, value_size, max_entries, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    bpf(BPF_MAP_CREATE, &attr).with_context(|| format!("creating a map of type {map_type}"))
+}
+
+/// Writes `value` under `key` in `map`.
+pub fn update(map: &OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
+    let attr = words(&[
+        map.as_raw_fd() as u64,
+        key.as_ptr() as u64,
+        value.as_ptr() as u64,
+        0,
+    ]);
+    bpf_call(BPF_MAP_UPDATE_ELEM, &attr).context("writing a map entry")?;
+    Ok(())
+}
+
+/// Looks `key` up in `map` `times` times, then passes: what a lookup costs, over the
+/// floor. The lookups are as the verifier makes segward's (inlined for hash maps, a call
+/// into the map's lookup).
+pub fn lookups(map: &OwnedFd, key: &[u8], times: usize) -> Vec<u64> {
+    assert!(key.len().is_multiple_of(4), "keys are written in words");
+    let len = key.len() as i16;
+    let mut prog: Vec<u64> = key
+        .chunks(4)
+        .enumerate()
+        .map(|(k, word)| {
+            let word = i32::from_le_bytes(word.try_into().expect("4 bytes"));
+            insn(0x62, 10, 0, 4 * k as i16 - len, word) // *(u32 *)(r10 - len + 4k) = word
+        })
+        .collect();
+    for _ in 0..times {
+        prog.extend([
+            insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()), // r1 = map
+            0,
+            insn(0xbf, 2, 10, 0, 0),                       // r2 = r10
+            insn(0x07, 2, 0, 0, -i32::from(len)),          // r2 -= len
+            insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM), // r0 = lookup(r1, r2)
+        ]);
+    }
+    prog.extend([mov_r0(XDP_PASS), EXIT]);
+    prog
 }
 
 fn words(values: &[u64]) -> Vec<u8> {
