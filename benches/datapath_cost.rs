@@ -133,7 +133,7 @@ const CLASSES: [Class; 8] = [
         hook: XDP,
         passes: false,
         audit: false,
-        // Repeats of one denied flow: after the first, its drop is kept (`RecentDrop`).
+        // Repeats of one denied flow: after the first, its drop is kept (`kept_drop`).
         frame: denied,
     },
     Class {
@@ -280,9 +280,10 @@ pub fn run(options: &Options) -> Result<Section> {
              packet) adds its flow entry: from this CPU's RECENT_FLOWS slot (an array the \
              verifier inlines, and a 40-byte compare) when the table gave it less than a \
              second ago, else from the table (an LRU hash: ~30 ns more); towards a device \
-             (tc) also the interface it came in on (an array slot). A repeated denied packet \
-             adds a RECENT_DROPS slot and its flow's write stamp (see docs/datapath.md, \
-             Conntrack), the counter and the per-CPU check of the event limit; one from an \
+             (tc) also the interface it came in on (an array slot). A repeated denied \
+             packet finds its kept drop in its RECENT_FLOWS slot, with its flow's write \
+             stamp (see docs/datapath.md, Conntrack), then adds the counter of suppressed \
+             events and the per-CPU check of the event limit; one from an \
              unknown source also its CPU's count of that source (UNKNOWN_PENDING). A packet judged \
              in full (a new flow, the first packet of a denied flow, an unknown source) adds \
              the flow table's lookup, the source's endpoint (20-byte key), its segment, the \
@@ -309,8 +310,8 @@ pub fn run(options: &Options) -> Result<Section> {
              all, that is the ~250-300 ns measured, and ≤ 100 ns leaves room for one lookup \
              and a half. It is out of reach without dropping a check the SPEC requires or a \
              hash faster than the kernel's. Against the floor, a kept drop sits at or just \
-             over 3× (it reads two slots, a stamp and the event limit, where a reply reads \
-             one slot), a reply at or just under it; the ratios move by a tenth or two \
+             over 3× (it reads its slot and its stamp as a reply does, then the event limit, \
+             and counts a suppressed event), a reply at or just under it; the ratios move by a tenth or two \
              between runs on this shared host."
                 .into(),
         ],

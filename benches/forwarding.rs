@@ -446,7 +446,7 @@ fn section(plan: &Plan, measured: &[Measured]) -> Section {
          source with anti-spoofing, segment, the destination's identity and the policy: six \
          lookups, against the one set lookup of the nftables ingress configuration, which \
          knows no device identities, MACs, segments or quarantine); its next packets are \
-         dropped on the kept drop (RECENT_DROPS), as long as nothing the judgement read \
+         dropped on the kept drop (its RECENT_FLOWS slot), as long as nothing the judgement read \
          changes. A flood of new denied flows (a scan) is judged in full packet by packet, \
          at about the 'judged in full' cost of the datapath section."
                 .into(),

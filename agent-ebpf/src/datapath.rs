@@ -13,8 +13,8 @@ use agent_ebpf::{
     },
     parse::{parse, Packet, Parsed},
     verdict::{
-        drop_reason, judge_from_device, judge_to_device, mac_eq, Decision, Flow, Reason,
-        RecentDrop, Tables, COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
+        drop_reason, judge_from_device, judge_to_device, mac_eq, Decision, Flow, Reason, Tables,
+        COUNTER_EVENTS_SUPPRESSED, COUNTER_SLOTS,
     },
 };
 use aya_ebpf::{
@@ -74,9 +74,10 @@ static EVENT_RATE: LruHashMap<Addr, EventRate> = LruHashMap::with_max_entries(MA
 #[map]
 static OVER_LIMIT: PerCpuArray<OverLimit> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU, flow entries as the table gave them lately, with the stamp of their last write
-/// (`FLOW_STAMPS`), direct-mapped by a hash of the tuple: `Tables::recent`. The flow table's lookup is a hash of a 40-byte key and three
-/// calls in the kernel; this one is inlined. Per CPU, so that no other CPU writes a slot
+/// Per CPU, flow entries as the table gave them lately, and kept drops (`kept_drop` in
+/// verdict.rs), with the stamp of the entry's last write (`FLOW_STAMPS`), direct-mapped by
+/// a hash of the tuple: `Tables::recent`. The flow table's lookup is a hash of a 40-byte
+/// key and three calls in the kernel; this one is inlined. Per CPU, so that no other CPU writes a slot
 /// while a packet reads it (a torn slot could pair one flow's tuple with another's entry).
 /// Not pinned: a new program's starts empty.
 #[map]
@@ -93,39 +94,40 @@ struct RecentFlow {
     flow_writes: u64,
 }
 
-/// Per CPU, drops of flows judged in full, direct-mapped as `RECENT_FLOWS`:
-/// `Tables::recent_drop`. Not pinned.
-#[map]
-static RECENT_DROPS: PerCpuArray<RecentDropSlot> =
-    PerCpuArray::with_max_entries(RECENT_DROP_SLOTS, 0);
+/// Slots of `FLOW_STAMPS`.
+const FLOW_STAMP_SLOTS: u32 = 1024;
 
-/// Slots per CPU (~90 bytes each): a flood is of few flows.
-const RECENT_DROP_SLOTS: u32 = 1024;
-
-#[repr(C)]
-struct RecentDropSlot {
-    key: FlowKey,
-    drop: RecentDrop,
-}
-
-/// Per `RECENT_DROPS` slot, a stamp of the programs' last write to a `CONNTRACK` entry whose
-/// key maps there (`Tables::flow_writes`): this CPU's number and its count of such writes,
+/// Per slot of a hash of the tuple, a stamp of the programs' last write to a `CONNTRACK`
+/// entry whose key maps there (`Tables::flow_writes`): this CPU's number and its count of such writes,
 /// so that no two writes leave the same stamp. Pinned with its counts, so that the programs
 /// of a restarted daemon see the writes of those they replace, link by link.
 #[map]
-static FLOW_STAMPS: Array<u64> = Array::with_max_entries(RECENT_DROP_SLOTS, 0);
+static FLOW_STAMPS: Array<u64> = Array::with_max_entries(FLOW_STAMP_SLOTS, 0);
 
 /// Per CPU, its count of writes to `CONNTRACK` (see `FLOW_STAMPS`).
 #[map]
 static STAMP_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Stamps a write to the `CONNTRACK` entry `key`, after it: a recent drop of a flow
-/// whose key maps to the same slot is judged again (`RecentDrop`).
+/// Puts `entry` with its `flow_writes` into this CPU's `RECENT_FLOWS` slot of `key`.
+#[inline(always)]
+fn keep_recent(key: &FlowKey, entry: &FlowEntry, flow_writes: u64) {
+    if let Some(slot) = RECENT_FLOWS.get_ptr_mut(recent_slot(key, RECENT_FLOW_SLOTS)) {
+        // SAFETY: this CPU's slot, which nothing else writes while we run.
+        unsafe {
+            (*slot).key = *key;
+            (*slot).entry = *entry;
+            (*slot).flow_writes = flow_writes;
+        }
+    }
+}
+
+/// Stamps a write to the `CONNTRACK` entry `key`, after it: a copy or kept drop of a flow
+/// whose key maps to the same slot is judged again.
 #[inline(always)]
 fn stamp_flow_write(key: &FlowKey) {
     let (Some(count), Some(stamp)) = (
         STAMP_COUNTS.get_ptr_mut(0),
-        FLOW_STAMPS.get_ptr_mut(recent_slot(key, RECENT_DROP_SLOTS)),
+        FLOW_STAMPS.get_ptr_mut(recent_slot(key, FLOW_STAMP_SLOTS)),
     ) else {
         return;
     };
@@ -235,15 +237,8 @@ impl Tables for MapTables {
     #[inline(always)]
     fn tracked_and_kept(&self, key: &FlowKey, flow_writes: u64) -> Option<FlowEntry> {
         let entry = CONNTRACK.get_ptr(key)?;
-        if let Some(slot) = RECENT_FLOWS.get_ptr_mut(recent_slot(key, RECENT_FLOW_SLOTS)) {
-            // SAFETY: this CPU's slot, which nothing else writes while we run; the entry is
-            // plain data.
-            unsafe {
-                (*slot).key = *key;
-                (*slot).entry = *entry;
-                (*slot).flow_writes = flow_writes;
-            }
-        }
+        // SAFETY: plain data.
+        keep_recent(key, unsafe { &*entry }, flow_writes);
         // SAFETY: as above.
         Some(unsafe { *entry })
     }
@@ -293,29 +288,14 @@ impl Tables for MapTables {
     #[inline(always)]
     fn flow_writes(&self, key: &FlowKey) -> u64 {
         FLOW_STAMPS
-            .get(recent_slot(key, RECENT_DROP_SLOTS))
+            .get(recent_slot(key, FLOW_STAMP_SLOTS))
             .copied()
             .unwrap_or(0)
     }
 
     #[inline(always)]
-    fn recent_drop(&self, key: &FlowKey, holds: impl FnOnce(&RecentDrop) -> bool) -> bool {
-        let Some(slot) = RECENT_DROPS.get_ptr(recent_slot(key, RECENT_DROP_SLOTS)) else {
-            return false;
-        };
-        // SAFETY: this CPU's slot, which nothing else writes while we run.
-        unsafe { same_key(&(*slot).key, key) && holds(&(*slot).drop) }
-    }
-
-    #[inline(always)]
-    fn remember_drop(&self, key: &FlowKey, drop: &RecentDrop) {
-        if let Some(slot) = RECENT_DROPS.get_ptr_mut(recent_slot(key, RECENT_DROP_SLOTS)) {
-            // SAFETY: as above.
-            unsafe {
-                (*slot).key = *key;
-                (*slot).drop = *drop;
-            }
-        }
+    fn keep_drop(&self, key: &FlowKey, dropped: &FlowEntry, flow_writes: u64) {
+        keep_recent(key, dropped, flow_writes);
     }
 
     #[inline(always)]

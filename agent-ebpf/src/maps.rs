@@ -32,8 +32,8 @@ pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_UNKNOWN_SOURCES: &str = "UNKNOWN_SOURCES";
 pub const MAP_UNKNOWN_PENDING: &str = "UNKNOWN_PENDING";
 pub const MAP_OVER_LIMIT: &str = "OVER_LIMIT";
-/// Every map, for pinning. The programs' caches (`CLOCK`, `RECENT_FLOWS`, `RECENT_DROPS`)
-/// are theirs alone, and start empty.
+/// Every map, for pinning. The programs' caches (`CLOCK`, `RECENT_FLOWS`) are theirs
+/// alone, and start empty.
 pub const ALL_MAPS: [&str; 18] = [
     MAP_EVENTS,
     MAP_EVENT_RATE,
@@ -262,6 +262,9 @@ pub const FLOW_ANSWERED: u16 = 4;
 pub const FLOW_FROM_DEVICE: u16 = 8;
 /// Checked for packets from a device that pins its MAC: they must come from `mac`.
 pub const FLOW_SENDER_MAC: u16 = 16;
+/// Not an entry of the flow table: a CPU's copy that keeps a drop of the flow, its reason
+/// in the high byte of the flags (the programs' `kept_drop`).
+pub const FLOW_KEPT_DROP: u16 = 32;
 
 /// A fragmented datagram, as every fragment of it carries it (IPv4 ids are widened).
 #[repr(C, align(8))]

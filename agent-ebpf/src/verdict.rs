@@ -14,8 +14,9 @@ use crate::{
         mask_port, Addr, AddrKey, Config, DatagramEntry, DatagramKey, Endpoint, FlowEntry, FlowKey,
         PolicyKey, PolicyValue, SegmentKey, SegmentPolicy, ZoneIdentity, CONFIG_AUDIT, DIR_ACCEPT,
         DIR_ALLOW, ENDPOINT_AUDIT, ENDPOINT_CHECK_MAC, ENDPOINT_DEVICE, ENDPOINT_QUARANTINED,
-        FLOW_ANSWERED, FLOW_FROM_DEVICE, FLOW_OPENER, FLOW_QUARANTINED, FLOW_SENDER_MAC,
-        FRAGMENT_TIMEOUT_NS, PREFIXES_ANY_PROTOCOL, PREFIXES_PORTLESS, PROTO_ANY, SEGMENT_AUDIT,
+        FLOW_ANSWERED, FLOW_FROM_DEVICE, FLOW_KEPT_DROP, FLOW_OPENER, FLOW_QUARANTINED,
+        FLOW_SENDER_MAC, FRAGMENT_TIMEOUT_NS, PREFIXES_ANY_PROTOCOL, PREFIXES_PORTLESS, PROTO_ANY,
+        SEGMENT_AUDIT,
     },
     parse::Parsed,
 };
@@ -71,18 +72,13 @@ pub trait Tables {
     }
     /// A stamp of the last write (add, change) to the flow entry of `key`, which changes
     /// with every such write (and may with writes to others): a copy of the entry
-    /// ([`Tables::recent`]) and a [`RecentDrop`] hold only while it has not changed.
+    /// ([`Tables::recent`]) and a kept drop hold only while it has not changed.
     fn flow_writes(&self, _key: &FlowKey) -> u64 {
         0
     }
-    /// Whether `holds` says so of the drop of a packet of `key` that
-    /// [`Tables::remember_drop`] left, if it is still at hand. Read in place: a copy would
-    /// cost the hooks' stack frames.
-    fn recent_drop(&self, _key: &FlowKey, _holds: impl FnOnce(&RecentDrop) -> bool) -> bool {
-        false
-    }
-    /// Keeps `drop`, just decided for a packet of `key`, at hand for [`Tables::recent_drop`].
-    fn remember_drop(&self, _key: &FlowKey, _drop: &RecentDrop) {}
+    /// Keeps `dropped` ([`kept_drop`]), with the `flow_writes` read before its packet was
+    /// judged, where [`Tables::recent`] finds copies of `key`'s entry.
+    fn keep_drop(&self, _key: &FlowKey, _dropped: &FlowEntry, _flow_writes: u64) {}
     /// The fragmented datagram `key`, if its first fragment passed.
     fn datagram(&self, key: &DatagramKey) -> Option<DatagramEntry>;
     /// Lets the other fragments of datagram `key` pass.
@@ -228,9 +224,9 @@ impl Reason {
     }
 }
 
-/// The outcome for one packet. Without implicit padding: a copy of one (into a
-/// [`RecentDrop`], or out of it) must define every byte, or BPF code may store a register
-/// that was never written, which the verifier refuses.
+/// The outcome for one packet. Without implicit padding: a copy of one must define every
+/// byte, or BPF code may store a register that was never written, which the verifier
+/// refuses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -293,49 +289,6 @@ fn judge_arp<T: Tables>(
     match tables.endpoint(&key) {
         Some(owner) if is_spoofed(&owner, sender_mac) => device_drop(config, &owner, Reason::Spoof),
         _ => Decision::new(Reason::Essential),
-    }
-}
-
-/// A drop of a packet of a flow judged in full, which its next packets get while nothing it
-/// was judged by has changed: the epoch (policy, devices, settings), its flow entry (the
-/// only one a drop's judgement reads: no write since), the hook and the sender's MAC; and
-/// for a second at most. A flood of one
-/// denied flow is then dropped on one array lookup. A pass is never cached this way.
-/// Without implicit padding, as [`Decision`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct RecentDrop {
-    /// [`Tables::flow_writes`] of its key, before the flow table was read for it.
-    pub flow_writes: u64,
-    pub dropped_ns: u64,
-    pub decision: Decision,
-    pub epoch: u32,
-    pub mac: [u8; 6],
-    /// Judged at XDP, for a packet from `mac`; else at tc.
-    pub from_device: bool,
-    pub _pad: [u8; 5],
-}
-
-impl RecentDrop {
-    /// Does it hold for a packet from a device with source MAC `sender_mac` (XDP), or
-    /// towards one (tc, `None`), now?
-    #[inline(always)]
-    fn holds(
-        &self,
-        config: &Config,
-        sender_mac: Option<&[u8; 6]>,
-        flow_writes: u64,
-        now_ns: u64,
-    ) -> bool {
-        let same_sender = match sender_mac {
-            Some(mac) => self.from_device && mac_eq(&self.mac, mac),
-            None => !self.from_device,
-        };
-        same_sender
-            && self.epoch == config.epoch
-            && self.epoch != 0
-            && self.flow_writes == flow_writes
-            && now_ns.saturating_sub(self.dropped_ns) < REFRESH_NS
     }
 }
 
@@ -474,7 +427,7 @@ fn remember_first_fragment<T: Tables>(tables: &T, flow: &Flow, decision: &Decisi
     }
 }
 
-/// Keeps the drop `decision` of `flow` for its next packets (see [`RecentDrop`]). Not
+/// Keeps the drop `decision` of `flow` for its next packets (see [`kept_drop`]). Not
 /// inlined: its stores would multiply the verifier's states at every hook's end, and its
 /// record stays off the hooks' stack frames.
 #[inline(never)]
@@ -486,16 +439,36 @@ fn remember_drop<T: Tables, const FROM_DEVICE: bool>(
     flow_writes: u64,
     now_ns: u64,
 ) {
-    let drop = RecentDrop {
-        flow_writes,
-        dropped_ns: now_ns,
-        decision: *decision,
+    let dropped = kept_drop::<FROM_DEVICE>(config, flow, decision, now_ns);
+    tables.keep_drop(&flow_key(flow), &dropped, flow_writes);
+}
+
+/// A drop of a packet of a flow judged in full, kept for the flow's next packets as a copy
+/// of a flow entry ([`Tables::recent`]) marked [`FLOW_KEPT_DROP`], with the reason in the
+/// flags' high byte (a drop has no rule, and no kept drop is audited): it holds as a copy
+/// does, while nothing it was judged by has changed: the epoch (policy, devices,
+/// settings), the flow's entry (the only one a drop's judgement reads: no write since),
+/// the hook and the sender's MAC; and for a second at most. A flood of one denied flow is
+/// then dropped on the one slot a reply passes on. A pass is never kept this way.
+#[inline(always)]
+fn kept_drop<const FROM_DEVICE: bool>(
+    config: &Config,
+    flow: &Flow,
+    decision: &Decision,
+    now_ns: u64,
+) -> FlowEntry {
+    let hook = if FROM_DEVICE {
+        FLOW_FROM_DEVICE | FLOW_SENDER_MAC
+    } else {
+        0
+    };
+    FlowEntry {
+        last_seen_ns: now_ns,
+        device: decision.device,
         epoch: config.epoch,
         mac: flow.src_mac,
-        from_device: FROM_DEVICE,
-        _pad: [0, 0, 0, 0, 0],
-    };
-    tables.remember_drop(&flow_key(flow), &drop);
+        flags: FLOW_KEPT_DROP | hook | (decision.reason as u16) << 8,
+    }
 }
 
 /// The first fragment of a datagram that passed (whatever let it pass) lets the rest of
@@ -743,7 +716,7 @@ fn is_quarantined(device: &Endpoint) -> bool {
 enum OwnEntry {
     /// Its entry was checked in this epoch: its reply (a reply entry) or its opener's verdict
     /// (an opener entry) holds, its device is there and unchanged, and the packet passes on
-    /// it. Or a [`RecentDrop`] of its flow holds. The decision is written.
+    /// it. Or a drop of its flow is kept ([`kept_drop`]). The decision is written.
     Decided,
     /// The packet is judged in full. `tracked`: there is an entry, not checked in this epoch
     /// for this hook, expired, or an opener whose replies' entry is gone; `flow_writes`:
@@ -752,8 +725,8 @@ enum OwnEntry {
 }
 
 /// Looks up the flow entry of `flow`, a packet from a device (XDP) with source MAC
-/// `sender_mac`, or towards one (tc, `None`): in this CPU's slot of it ([`Tables::recent`]),
-/// a kept drop of the flow ([`Tables::recent_drop`]), then the flow table. Writes into
+/// `sender_mac`, or towards one (tc, `None`): in this CPU's slot of it ([`Tables::recent`]:
+/// a copy of the entry, or a kept drop of the flow), then the flow table. Writes into
 /// `decided` the decision if it is [`OwnEntry::Decided`]. Only the outcome, `decided` and
 /// the stamp leave, not the entry, so that
 /// its many possible values do not multiply the verifier's states across the full
@@ -773,24 +746,20 @@ fn own_entry<T: Tables>(
     let flow_writes = tables.flow_writes(&key);
     // A copy of the entry, unchanged since, found less than a second after the entry's last
     // refresh, that was checked and passes the packet now, passes it: the table is asked
-    // again (and refreshed) once a second.
+    // again (and refreshed) once a second. A kept drop holds the same way.
     if let Some(entry) = tables.recent(&key, flow_writes) {
         let idle = now_ns.saturating_sub(entry.last_seen_ns);
         if idle < REFRESH_NS.min(timeout_ns(config, flow.protocol))
             && checked_for(config, &entry, sender_mac)
         {
+            if entry.flags & FLOW_KEPT_DROP != 0 {
+                decided.reason =
+                    Reason::from_number((entry.flags >> 8) as u8).unwrap_or(Reason::DefaultDeny);
+                decided.device = entry.device;
+                return OwnEntry::Decided;
+            }
             return passes_on(&entry, decided);
         }
-    }
-    let dropped = tables.recent_drop(&key, |drop| {
-        let holds = drop.holds(config, sender_mac, flow_writes, now_ns);
-        if holds {
-            *decided = drop.decision;
-        }
-        holds
-    });
-    if dropped {
-        return OwnEntry::Decided;
     }
     let Some(entry) = tables.tracked_and_kept(&key, flow_writes) else {
         return OwnEntry::Judge {

@@ -1348,7 +1348,7 @@ fn device_facing_interfaces_are_known_whichever_slot_they_share_until_forgotten(
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A drop is kept for a flow's next packets (`RecentDrop`) only while nothing it was
+/// A drop is kept for a flow's next packets (`kept_drop`) only while nothing it was
 /// judged by has changed: the same tuple from another MAC, or after the flow table gained
 /// the tuple's entry, is judged anew.
 #[test]
