@@ -286,7 +286,8 @@ pub fn run(options: &Options) -> Result<Section> {
              events and the per-CPU check of the event limit; one from an \
              unknown source also its CPU's count of that source (UNKNOWN_PENDING). A packet judged \
              in full (a new flow, the first packet of a denied flow, an unknown source) adds \
-             the flow table's lookup, the source's endpoint (20-byte key), its segment, the \
+             the flow table's lookup, the source's endpoint (20-byte key), its segment (an \
+             array slot), the \
              destination's endpoint and zone probe, and one policy lookup per port prefix \
              length its segment uses. Each hash lookup costs ~30 ns here (the lookup table: \
              a program that only looks up, in maps of segward's shape): jhash of the key \
@@ -303,9 +304,10 @@ pub fn run(options: &Options) -> Result<Section> {
              kept. The class judged in full shows the first packet of a denied flow (audit \
              mode, where a would-be drop is never kept, so every repeat is judged in full, \
              plus its event check). ≤ 100 ns holds for what passes on its flow entry and for \
-             a kept drop. A packet judged in full makes six hash lookups, each answering a \
-             question of SPEC §2 rules 2-5 (its flow, its source, the segment, the \
-             destination's endpoint and zone, the policy), a new flow one more to track its \
+             a kept drop. A packet judged in full makes five hash lookups and reads an array \
+             slot, each answering a question of SPEC §2 rules 2-5 (its flow, its source, the \
+             segment's slot, the destination's endpoint and zone, the policy), a new flow one \
+             more lookup to track its \
              replies: at ~30 ns a lookup (the lookup table), over the ~60 ns a reply costs in \
              all, that is the ~250-300 ns measured, and ≤ 100 ns leaves room for one lookup \
              and a half. It is out of reach without dropping a check the SPEC requires or a \

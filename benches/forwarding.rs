@@ -443,8 +443,8 @@ fn section(plan: &Plan, measured: &[Measured]) -> Section {
             "Where segward's cost goes: an allowed packet of an established (answered) flow \
          passes on its flow entry, from this CPU's RECENT_FLOWS slot (the datapath section's \
          'answered flow' class). The denied flow's first packet is judged in full (its flow, \
-         source with anti-spoofing, segment, the destination's identity and the policy: six \
-         lookups, against the one set lookup of the nftables ingress configuration, which \
+         source with anti-spoofing, segment, the destination's identity and the policy: five \
+         hash lookups and an array slot, against the one set lookup of the nftables ingress configuration, which \
          knows no device identities, MACs, segments or quarantine); its next packets are \
          dropped on the kept drop (its RECENT_FLOWS slot), as long as nothing the judgement read \
          changes. A flood of new denied flows (a scan) is judged in full packet by packet, \

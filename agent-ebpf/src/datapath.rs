@@ -37,8 +37,7 @@ static ZONE_PREFIXES: HashMap<ZoneKey, ZoneIdentity> =
 #[map]
 static ZONE_LENGTHS: Array<ZoneLengths> = Array::with_max_entries(GENERATIONS, 0);
 #[map]
-static SEGMENTS: HashMap<SegmentKey, SegmentPolicy> =
-    HashMap::with_max_entries(MAX_SEGMENTS * GENERATIONS, 0);
+static SEGMENTS: Array<SegmentPolicy> = Array::with_max_entries(MAX_SEGMENTS * GENERATIONS, 0);
 #[map]
 static POLICY: HashMap<PolicyKey, PolicyValue> =
     HashMap::with_max_entries(MAX_POLICY_ENTRIES * GENERATIONS, 0);
@@ -221,7 +220,7 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn segment(&self, key: &SegmentKey) -> Option<SegmentPolicy> {
-        unsafe { SEGMENTS.get(key).copied() }
+        SEGMENTS.get(key.slot()?).copied()
     }
 
     #[inline(always)]

@@ -15,7 +15,7 @@ use agent_ebpf::{
         CONFIG_REPORT_NEW_FLOWS, DEVICE_IFACE_SLOT_COUNT, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
         MAP_DEVICE_IFACES, MAP_DEVICE_IFACE_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS,
         MAP_POLICY, MAP_SEGMENTS, MAP_UNKNOWN_PENDING, MAP_UNKNOWN_SOURCES, MAP_ZONE_LENGTHS,
-        MAP_ZONE_PREFIXES, NO_DEVICE_IFACE, PROG_FROM_DEVICE, PROG_TO_DEVICE,
+        MAP_ZONE_PREFIXES, MAX_SEGMENTS, NO_DEVICE_IFACE, PROG_FROM_DEVICE, PROG_TO_DEVICE,
     },
     verdict::{Reason, COUNTER_EVENTS_SUPPRESSED, REASON_COUNT},
 };
@@ -806,8 +806,7 @@ impl Datapath {
                 .iter()
                 .map(|(k, v)| (AddrKey { generation, ..*k }, *v)),
         )?;
-        self.write_batch(
-            MAP_SEGMENTS,
+        self.write_segments(
             changes
                 .segments
                 .iter()
@@ -858,20 +857,11 @@ impl Datapath {
                 None => removed.push(k),
             }
         }
+        update_batch(name, fd, &keys, &values)?;
         let batch_err = |source| DatapathError::Map {
             map: name,
             source: MapError::SyscallError(source),
         };
-        let mut done = 0;
-        while done < keys.len() {
-            done += batch(
-                BPF_MAP_UPDATE_BATCH,
-                fd,
-                &keys[done..],
-                Some(&values[done..]),
-            )
-            .map_err(|e| batch_err(e.source))?;
-        }
         let mut done = 0;
         while done < removed.len() {
             match batch::<K, V>(BPF_MAP_DELETE_BATCH, fd, &removed[done..], None) {
@@ -888,12 +878,43 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes `changes` (a segment and its new policy, or `None`: it is gone) into the
+    /// array `SEGMENTS`, whose slot of a gone segment is zeroed, with one bpf(2) call.
+    fn write_segments(
+        &mut self,
+        changes: impl Iterator<Item = (SegmentKey, Option<SegmentPolicy>)>,
+    ) -> Result<(), DatapathError> {
+        let (mut slots, mut values) = (Vec::new(), Vec::new());
+        for (key, policy) in changes {
+            let slot = key.slot().ok_or(DatapathError::Map {
+                map: MAP_SEGMENTS,
+                source: MapError::OutOfBounds {
+                    index: u32::from(key.segment),
+                    max_entries: MAX_SEGMENTS,
+                },
+            })?;
+            slots.push(slot);
+            values.push(policy.unwrap_or_default());
+        }
+        // Typed first: checks that the map holds SegmentPolicy values.
+        self.array_mut::<SegmentPolicy>(MAP_SEGMENTS)?;
+        let Some(Map::Array(map)) = self.ebpf.map(MAP_SEGMENTS) else {
+            return Err(DatapathError::Missing(MAP_SEGMENTS));
+        };
+        update_batch(MAP_SEGMENTS, map.fd().as_fd().as_raw_fd(), &slots, &values)
+    }
+
     /// Removes every entry of `generation`, whatever wrote it.
     fn clear_generation(&mut self, generation: u8) -> Result<(), DatapathError> {
         self.remove_keys_where::<AddrKey, Endpoint>(MAP_ENDPOINTS, |k| k.generation == generation)?;
-        self.remove_keys_where::<SegmentKey, SegmentPolicy>(MAP_SEGMENTS, |k| {
-            k.generation == generation
-        })?;
+        self.write_segments((0..MAX_SEGMENTS as u16).map(|segment| {
+            let key = SegmentKey {
+                generation,
+                _pad: 0,
+                segment,
+            };
+            (key, None)
+        }))?;
         self.remove_keys_where::<PolicyKey, PolicyValue>(MAP_POLICY, |k| {
             k.generation == generation
         })?;
@@ -1164,6 +1185,14 @@ mod legacy {
                 .collect();
             unpin(&flows_pin)?;
         }
+        // SEGMENTS was a hash before it was an array. Nothing to take over: the daemon
+        // installs its policy into both generations before its programs replace the old
+        // ones, which keep the old map until then.
+        let segments_pin = dir.join(MAP_SEGMENTS);
+        let segments_type = aya::maps::MapInfo::from_pin(&segments_pin).map(|i| i.map_type());
+        if let Ok(Ok(aya::maps::MapType::Hash)) = segments_type {
+            unpin(&segments_pin)?;
+        }
         let zones_pin = dir.join(ZONES_V1);
         if zones_pin.exists() {
             unpin(&zones_pin)?;
@@ -1226,6 +1255,30 @@ struct BatchError {
 
 /// One BPF_MAP_UPDATE_BATCH (with `values`) or BPF_MAP_DELETE_BATCH of `keys` on the map
 /// `fd`; how many elements it processed (the kernel may stop early, as for a signal).
+/// Writes `values` under `keys` into map `name` (descriptor `fd`), in as few bpf(2) calls
+/// as the kernel takes.
+fn update_batch<K: Pod, V: Pod>(
+    name: &'static str,
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), DatapathError> {
+    let mut done = 0;
+    while done < keys.len() {
+        done += batch(
+            BPF_MAP_UPDATE_BATCH,
+            fd,
+            &keys[done..],
+            Some(&values[done..]),
+        )
+        .map_err(|e| DatapathError::Map {
+            map: name,
+            source: MapError::SyscallError(e.source),
+        })?;
+    }
+    Ok(())
+}
+
 fn batch<K: Pod, V: Pod>(
     cmd: libc::c_long,
     fd: std::os::fd::RawFd,

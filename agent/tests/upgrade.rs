@@ -1,6 +1,7 @@
 //! A gateway upgraded from the release before flow epochs: its pinned CONFIG and CONNTRACK
-//! have the old value layouts, which this release's programs would fail verification
-//! against. The new daemon takes them over: the live generation and the tracked flows stay.
+//! have the old value layouts, and its SEGMENTS is a hash, which this release's programs
+//! would fail verification against. The new daemon takes them over: the live generation
+//! and the tracked flows stay, and SEGMENTS is made anew (every install rewrites it).
 
 mod common;
 
@@ -12,7 +13,8 @@ use std::{
 };
 
 use agent_ebpf::maps::{
-    Config, FlowEntry, FlowKey, FLOW_QUARANTINED, MAP_CONFIG, MAP_CONNTRACK, MAX_TRACKED_FLOWS,
+    Config, FlowEntry, FlowKey, SegmentPolicy, FLOW_QUARANTINED, GENERATIONS, MAP_CONFIG,
+    MAP_CONNTRACK, MAP_SEGMENTS, MAX_SEGMENTS, MAX_TRACKED_FLOWS,
 };
 use aya::maps::{Array, HashMap, Map, MapData};
 use segward::datapath::Datapath;
@@ -20,6 +22,7 @@ use segward::datapath::Datapath;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
@@ -110,6 +113,15 @@ fn pins_of_the_release_before_flow_epochs_are_taken_over() {
         MAX_TRACKED_FLOWS,
         &[(key_bytes, &old_entry)],
     );
+    // SEGMENTS as a hash: generation 1's segment 0, with some allow prefix.
+    pin_old_map(
+        &maps.join(MAP_SEGMENTS),
+        BPF_MAP_TYPE_HASH,
+        4,
+        size_of::<SegmentPolicy>(),
+        MAX_SEGMENTS * GENERATIONS,
+        &[(&[1, 0, 0, 0], &words(&[1 << 16, 0, 0]))],
+    );
     // The zones map from before ZONE_PREFIXES, which nothing uses any more.
     pin_old_map(&maps.join("ZONES"), BPF_MAP_TYPE_ARRAY, 4, 4, 1, &[]);
 
@@ -147,4 +159,12 @@ fn pins_of_the_release_before_flow_epochs_are_taken_over() {
         "the flow keeps its time, device and quarantine mark, and is checked anew"
     );
     assert!(!maps.join("ZONES").exists(), "the orphan zones pin is gone");
+    let segments = aya::maps::MapInfo::from_pin(maps.join(MAP_SEGMENTS))
+        .expect("the new SEGMENTS pin")
+        .map_type()
+        .expect("a known map type");
+    assert!(
+        matches!(segments, aya::maps::MapType::Array),
+        "SEGMENTS is an array now, not {segments:?}"
+    );
 }
