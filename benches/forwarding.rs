@@ -47,7 +47,7 @@ impl Plan {
         } else {
             Plan {
                 rule_counts: vec![10, 1_000, 10_000],
-                rounds: 5,
+                rounds: 9,
                 run_secs: 0.6,
                 max_packets: 2_000_000,
             }
