@@ -198,6 +198,9 @@ pub fn run(options: &Options) -> Result<Section> {
     let mut costs = vec![Vec::new(); CLASSES.len()];
     let mut over_floor = vec![0.0; CLASSES.len()];
     let mut floor_samples = [Vec::new(), Vec::new()];
+    // Every scale's maps at once, so that each class's runs go round the scales: a slow
+    // spell of a shared host then falls on every scale, not on one scale's runs.
+    let mut datapaths = Vec::new();
     for scale in &scales {
         let dir = tempfile::tempdir()?;
         let policy = load_dir(&scale::write_policy(scale, dir.path())?)
@@ -208,15 +211,25 @@ pub fn run(options: &Options) -> Result<Section> {
         datapath
             .install(compiled)
             .context("installing the policy")?;
-        for (i, class) in CLASSES.iter().enumerate() {
+        datapaths.push(datapath);
+    }
+    for (i, class) in CLASSES.iter().enumerate() {
+        let floor = floor_of(class);
+        let mut runs_at = vec![ClassRuns::default(); scales.len()];
+        for datapath in &mut datapaths {
             datapath.set_audit(class.audit)?;
-            let floor = floor_of(class);
-            let cost = class_cost(&datapath, scale, class, floor, repeat, runs)?;
-            costs[i].push(cost.median);
-            // The scales run from smallest to largest: the last one's ratio stays.
-            over_floor[i] = cost.over_floor;
-            floor_samples[usize::from(class.hook != XDP)].extend(cost.floors);
         }
+        for k in 0..runs {
+            for ((scale, datapath), at) in scales.iter().zip(&datapaths).zip(&mut runs_at) {
+                at.run(datapath, scale, class, floor, k, repeat)?;
+            }
+        }
+        for at in &runs_at {
+            costs[i].push(at.median());
+            floor_samples[usize::from(class.hook != XDP)].extend(&at.floors);
+        }
+        // The scales go from smallest to largest.
+        over_floor[i] = runs_at.last().map_or(0.0, ClassRuns::over_floor);
     }
     for ((class, costs), over_floor) in CLASSES.iter().zip(&costs).zip(&over_floor) {
         let (smallest, largest) = (costs[0], costs[costs.len() - 1]);
@@ -260,15 +273,17 @@ pub fn run(options: &Options) -> Result<Section> {
             "Each scale's policy is generated as YAML ({}), loaded, compiled and installed \
              into a fresh set of maps; then each packet class runs through the program with \
              BPF_PROG_TEST_RUN, {repeat} repeats per run, {runs} runs (each from a different \
-             device), and the median of the kernel's mean time per repeat is taken. Every \
-             run's verdict is checked (a class that passes must pass). The floor is a \
-             two-instruction program loaded beside segward's, run on the same frame just \
-             before each run of a class, so the ratio to it is segward's own cost; a class's \
-             ratio is the median of its runs' ratios at the largest scale, each to the floor \
-             run beside it, so that a slow spell of a shared host weighs on both sides. Each repeat of a new flow is judged as new: \
-             its reply entry exists after the first, so it is refreshed rather than inserted, \
-             and no reply answers it, so its verdict is not cached. The answered flow is \
-             opened, answered from the uplink and judged once more before the runs.",
+             device; a class's runs go round the three scales, whose maps are all loaded, so \
+             that a slow spell of the host weighs on every scale), and the median of the \
+             kernel's mean time per repeat is taken. Every run's verdict is checked (a class \
+             that passes must pass). The floor is a two-instruction program loaded beside \
+             segward's, run on the same frame just before each run of a class, so the ratio \
+             to it is segward's own cost; a class's ratio is the median of its runs' ratios \
+             at the largest scale, each to the floor run beside it. Each repeat of a new flow \
+             is judged as new: its reply entry exists after the first, so it is refreshed \
+             rather than inserted, and no reply answers it, so its verdict is not cached. The \
+             answered flow is opened, answered from the uplink and judged once more before \
+             the runs.",
             scales.map(|s| s.name).join("; ")
         ),
         tables: vec![table, lookups],
@@ -407,29 +422,27 @@ fn lookup_costs(floor: &Floor, repeat: u32, runs: u32) -> Result<Table> {
     Ok(table)
 }
 
-/// What the runs of one class at one scale cost.
-struct ClassCost {
-    /// Median ns per packet.
-    median: f64,
-    /// Median over runs of the run's cost over its floor run's.
-    over_floor: f64,
-    /// The floor runs' ns per packet.
+/// The runs of one class at one scale: what each cost, and the floor run beside it.
+#[derive(Clone, Default)]
+struct ClassRuns {
+    /// ns per packet.
+    costs: Vec<f64>,
+    /// The floor's ns per packet, on the same frame just before.
     floors: Vec<f64>,
 }
 
-/// The cost of `class` at `scale`, each run beside a run of `floor` on the same frame,
-/// checking the verdict of every run.
-fn class_cost(
-    datapath: &Datapath,
-    scale: &Scale,
-    class: &Class,
-    floor: &Floor,
-    repeat: u32,
-    runs: u32,
-) -> Result<ClassCost> {
-    let mut samples = Vec::new();
-    let mut floors = Vec::new();
-    for k in 0..runs {
+impl ClassRuns {
+    /// Runs `class` at `scale` once more (run `k`: its frames), beside a run of `floor` on
+    /// the same frame, checking the verdict.
+    fn run(
+        &mut self,
+        datapath: &Datapath,
+        scale: &Scale,
+        class: &Class,
+        floor: &Floor,
+        k: u32,
+        repeat: u32,
+    ) -> Result<()> {
         let (frame, setup) = (class.frame)(scale, k);
         for (i, (open, hook)) in setup.iter().enumerate() {
             let opened = datapath.test_run(TestRun {
@@ -441,7 +454,7 @@ fn class_cost(
                 bail!("{}: setup packet {} did not pass", class.name, i + 1);
             }
         }
-        floors.push(floor.cost(&frame, repeat)?);
+        self.floors.push(floor.cost(&frame, repeat)?);
         let result = datapath.test_run(TestRun {
             hook: class.hook,
             frame: &frame,
@@ -461,14 +474,25 @@ fn class_cost(
                 if class.passes { "pass" } else { "drop" },
             );
         }
-        samples.push(f64::from(result.duration_ns));
+        self.costs.push(f64::from(result.duration_ns));
+        Ok(())
     }
-    let mut ratios: Vec<f64> = samples.iter().zip(&floors).map(|(c, f)| c / f).collect();
-    Ok(ClassCost {
-        median: median(&mut samples),
-        over_floor: median(&mut ratios),
-        floors,
-    })
+
+    /// Median ns per packet.
+    fn median(&self) -> f64 {
+        median(&mut self.costs.clone())
+    }
+
+    /// Median over runs of the run's cost over its floor run's.
+    fn over_floor(&self) -> f64 {
+        let mut ratios: Vec<f64> = self
+            .costs
+            .iter()
+            .zip(&self.floors)
+            .map(|(c, f)| c / f)
+            .collect();
+        median(&mut ratios)
+    }
 }
 
 /// A program of no maps of segward's, run on its own: the floor (it returns a constant), or
