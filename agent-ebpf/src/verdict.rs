@@ -76,7 +76,7 @@ pub trait Tables {
     fn flow_writes(&self, _key: &FlowKey) -> u64 {
         0
     }
-    /// Keeps `dropped` ([`kept_drop`]), with the `flow_writes` read before its packet was
+    /// Keeps `dropped` (see `kept_drop`), with the `flow_writes` read before its packet was
     /// judged, where [`Tables::recent`] finds copies of `key`'s entry.
     fn keep_drop(&self, _key: &FlowKey, _dropped: &FlowEntry, _flow_writes: u64) {}
     /// The fragmented datagram `key`, if its first fragment passed.

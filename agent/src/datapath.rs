@@ -1253,8 +1253,6 @@ struct BatchError {
     source: aya::sys::SyscallError,
 }
 
-/// One BPF_MAP_UPDATE_BATCH (with `values`) or BPF_MAP_DELETE_BATCH of `keys` on the map
-/// `fd`; how many elements it processed (the kernel may stop early, as for a signal).
 /// Writes `values` under `keys` into map `name` (descriptor `fd`), in as few bpf(2) calls
 /// as the kernel takes.
 fn update_batch<K: Pod, V: Pod>(
@@ -1279,6 +1277,8 @@ fn update_batch<K: Pod, V: Pod>(
     Ok(())
 }
 
+/// One BPF_MAP_UPDATE_BATCH (with `values`) or BPF_MAP_DELETE_BATCH of `keys` on the map
+/// `fd`; how many elements it processed (the kernel may stop early, as for a signal).
 fn batch<K: Pod, V: Pod>(
     cmd: libc::c_long,
     fd: std::os::fd::RawFd,
