@@ -122,6 +122,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let compiled = agent.compile(&agent.policy, &agent.device_index)?;
     agent.install(compiled)?;
     agent.policy_loaded();
+    // Parsing a big policy peaks far above what the daemon keeps; hand that back.
+    crate::heap::release_free_pages();
     // Leases that changed while no daemon ran: applied, cut and recorded like any change.
     agent.leases_changed();
     let mut attached = Vec::new();
@@ -288,7 +290,7 @@ struct Agent {
 /// Runs `make` on a thread of its own and keeps a copy of what it made, made on this
 /// thread. Parsing or compiling a big policy leaves the pages it used full of holes between
 /// the few blocks the result keeps; the copy, made once that work is freed, packs the
-/// result into few pages, and the pages of the work go back (see [`Agent::policy_loaded`]):
+/// result into few pages, and the pages of the work go back (see [`Agent::load_policy`]):
 /// the daemon holds what the policy takes, not what making it took (6 MiB less at 100k
 /// devices than keeping the result where it was made).
 fn made_apart<T: Clone + Send>(
@@ -415,8 +417,6 @@ impl Agent {
         info!(generation = self.generation, "policy loaded");
         self.audit
             .record(AuditEvent::new(EventKind::PolicyLoaded).generation(self.generation));
-        // Parsing a big policy peaks far above what the daemon keeps; hand that back.
-        crate::heap::release_free_pages();
     }
 
     /// Reloads after a change in the policy directory, unless what it holds now compiles
@@ -434,6 +434,14 @@ impl Agent {
     /// nothing: the old one keeps enforcing. `skip_unchanged`: nor does one that compiles
     /// to exactly what is in force.
     fn load_policy(&mut self, skip_unchanged: bool) -> Result<u64, String> {
+        let outcome = self.try_load_policy(skip_unchanged);
+        // Whatever came of it, parsing and compiling peaked far above what the daemon
+        // keeps (a rejected or unchanged policy included); hand that back.
+        crate::heap::release_free_pages();
+        outcome
+    }
+
+    fn try_load_policy(&mut self, skip_unchanged: bool) -> Result<u64, String> {
         let attempt = load_policy_dir(&self.policy_dir).and_then(|policy| {
             self.gateway = match &self.netns {
                 Some(name) => Netns::named(name)?.gateway_addresses()?,
