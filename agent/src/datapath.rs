@@ -944,22 +944,26 @@ impl Datapath {
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, K, V>, DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::Missing(name))?;
-        HashMap::try_from(map).map_err(map_err(name))
+        self.map_mut(name)
     }
 
     fn array_mut<V: Pod>(
         &mut self,
         name: &'static str,
     ) -> Result<Array<&mut MapData, V>, DatapathError> {
+        self.map_mut(name)
+    }
+
+    /// Map `name`, as the typed map `T` (which checks its kind and sizes).
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or(DatapathError::Missing(name))?;
-        Array::try_from(map).map_err(map_err(name))
+        T::try_from(map).map_err(map_err(name))
     }
 
     fn per_cpu_array<V: Pod>(

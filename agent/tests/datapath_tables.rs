@@ -922,6 +922,16 @@ fn quarantine_state() -> DeviceState {
     }
 }
 
+/// The kernel's programs with fresh maps, enforcing `policy`.
+fn enforcing(policy: CompiledPolicy) -> Kernel {
+    let mut kernel = Kernel::new(load_datapath());
+    kernel
+        .datapath
+        .install(policy)
+        .expect("installing the policy");
+    kernel
+}
+
 /// Runs `rows` through kernel and host; what failed, with the frame in hex.
 fn run(kernel: &mut Kernel, host: &Host, policy: &CompiledPolicy, rows: &[Row]) -> Vec<String> {
     let mut failures = Vec::new();
@@ -1210,11 +1220,7 @@ fn etherparse_reading(bytes: &[u8]) -> String {
 /// not there: the entries after it must still go.
 #[test]
 fn a_removal_of_an_absent_entry_does_not_stop_the_others() {
-    let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(compiled(&DeviceState::default()))
-        .expect("installing the policy");
+    let mut kernel = enforcing(compiled(&DeviceState::default()));
     let key = |ip: [u8; 4]| AddrKey {
         generation: 0,
         _pad: [0; 3],
@@ -1239,11 +1245,7 @@ fn a_removal_of_an_absent_entry_does_not_stop_the_others() {
 /// programs read (cached per tick, see `now` in the program) moves.
 #[test]
 fn idle_flows_expire_and_replies_keep_them_alive() {
-    let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(compiled(&DeviceState::default()))
-        .expect("installing the policy");
+    let mut kernel = enforcing(compiled(&DeviceState::default()));
     // Entries refresh at most once a second, so a timeout must be longer to be kept alive;
     // 3 s leaves a reply 1.75 s late before the flow expires under a loaded machine.
     let timeout = Duration::from_secs(3);
@@ -1281,11 +1283,7 @@ fn idle_flows_expire_and_replies_keep_them_alive() {
 /// nor is one forgotten.
 #[test]
 fn device_facing_interfaces_are_known_whichever_slot_they_share_until_forgotten() {
-    let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(compiled(&DeviceState::default()))
-        .expect("installing the policy");
+    let mut kernel = enforcing(compiled(&DeviceState::default()));
     let slots = DEVICE_IFACE_SLOT_COUNT;
     // DEVICE_IFINDEX's slot is shared by a second one; another holds one alone.
     let (shared, alone) = (DEVICE_IFINDEX + slots, DEVICE_IFINDEX + 1);
@@ -1354,11 +1352,7 @@ fn device_facing_interfaces_are_known_whichever_slot_they_share_until_forgotten(
 #[test]
 fn a_kept_drop_holds_only_while_nothing_it_was_judged_by_changed() {
     let policy = compiled(&DeviceState::default());
-    let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(policy.clone())
-        .expect("installing the policy");
+    let mut kernel = enforcing(policy.clone());
     let mut t = Table::default();
     t.section("kept drops");
     let spoofed = tcp(V4.t1, V4.broker, 40100, 8883).mac(EVIL_MAC);
@@ -1432,11 +1426,7 @@ fn a_kept_drop_holds_only_while_nothing_it_was_judged_by_changed() {
 /// once or waited in a CPU's count of its last source (`UnknownPending`).
 #[test]
 fn the_inventory_counts_every_packet_of_unknown_sources() {
-    let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(compiled(&DeviceState::default()))
-        .expect("installing the policy");
+    let mut kernel = enforcing(compiled(&DeviceState::default()));
     let stranger = |last: u8| v4(10, 20, 9, last);
     let send = |kernel: &mut Kernel, source: IpAddr, packets: u32| {
         let frame = tcp(source, V4.broker, 40000, 8883).mac(EVIL_MAC).bytes();
@@ -1475,11 +1465,7 @@ fn a_new_epoch_after_a_flow_cut_ends_the_copies_of_its_entries() {
     let mut cpu = nix::sched::CpuSet::new();
     cpu.set(0).expect("CPU 0");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pinning to CPU 0");
-    let mut kernel = Kernel::new(load_datapath());
-    kernel
-        .datapath
-        .install(compiled(&DeviceState::default()))
-        .expect("installing the policy");
+    let mut kernel = enforcing(compiled(&DeviceState::default()));
     let query = udp(V4.t1, V4.ntp, 40200, 123).mac(T1_MAC).bytes();
     let reply = udp(V4.ntp, V4.t1, 123, 40200).bytes();
     let verdict =
