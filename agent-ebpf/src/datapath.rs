@@ -354,7 +354,7 @@ fn account(
 fn event_source(decision: &Decision, parsed: &Parsed, hook: u8) -> Addr {
     let (src, dst) = match parsed {
         Parsed::Arp { sender_ip, .. } => (sender_ip, None),
-        Parsed::Ip(flow) => (&flow.src, Some(&flow.dst)),
+        Parsed::Ip(flow) => (&flow.tuple.src, Some(&flow.tuple.dst)),
         Parsed::Fragment(fragment) => (&fragment.src, Some(&fragment.dst)),
     };
     if decision.device != 0 {
@@ -396,7 +396,7 @@ fn remember_unknown(parsed: &Parsed, now_ns: u64) {
     unsafe {
         let key = &(*pending).key;
         let [high, low] = addr_halves(&key.addr);
-        if [high, low] == addr_halves(&flow.src) && mac_eq(&key.mac, &flow.src_mac) {
+        if [high, low] == addr_halves(&flow.tuple.src) && mac_eq(&key.mac, &flow.src_mac) {
             (*pending).packets += 1;
             (*pending).last_seen_ns = now_ns;
             return;
@@ -415,7 +415,7 @@ fn remember_new_unknown(flow: &Flow, pending: *mut UnknownPending, now_ns: u64) 
         add_unknown(&last.key, last.packets, last.last_seen_ns);
     }
     let key = UnknownKey {
-        addr: flow.src,
+        addr: flow.tuple.src,
         mac: flow.src_mac,
         _pad: [0; 2],
     };
@@ -481,11 +481,11 @@ fn report(decision: &Decision, parsed: &Parsed, hook: u8, source: &Addr, now_ns:
             event.mac = *sender_mac;
         }
         Parsed::Ip(flow) => {
-            event.src = flow.src;
-            event.dst = flow.dst;
-            event.sport = flow.sport;
-            event.dport = flow.dport;
-            event.protocol = flow.protocol;
+            event.src = flow.tuple.src;
+            event.dst = flow.tuple.dst;
+            event.sport = flow.tuple.sport;
+            event.dport = flow.tuple.dport;
+            event.protocol = flow.tuple.protocol;
             event.mac = flow.src_mac;
         }
         Parsed::Fragment(fragment) => {

@@ -7,7 +7,7 @@
 use core::marker::PhantomData;
 
 use crate::{
-    maps::{v4_mapped, Addr},
+    maps::{v4_mapped, Addr, FlowKey},
     verdict::{
         Flow, Fragment, Reason, Related, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     },
@@ -91,10 +91,15 @@ fn parse_ipv4(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Parsed
         }));
     }
     let mut flow = Flow {
-        src,
-        dst,
+        tuple: FlowKey {
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            protocol: ip[9],
+            _pad: [0, 0, 0],
+        },
         src_mac,
-        protocol: ip[9],
         first_fragment: fragment & IPV4_MORE_FRAGMENTS != 0,
         datagram_id,
         ..Flow::default()
@@ -167,10 +172,15 @@ fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Parsed
         walked += 1;
     }
     let mut flow = Flow {
-        src,
-        dst,
+        tuple: FlowKey {
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            protocol: next_header,
+            _pad: [0, 0, 0],
+        },
         src_mac,
-        protocol: next_header,
         first_fragment,
         datagram_id,
         ..Flow::default()
@@ -194,7 +204,7 @@ fn read_ipv6_header(packet: &Packet, offset: usize) -> Result<([u8; 8], Addr, Ad
 /// Ports or ICMP type; a header too short for its protocol is malformed.
 #[inline(always)]
 fn parse_l4(packet: &Packet, offset: usize, flow: &mut Flow) -> Result<(), Reason> {
-    let min_len = match flow.protocol {
+    let min_len = match flow.tuple.protocol {
         PROTO_TCP => 20,
         PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => 8,
         PROTO_SCTP => 12,
@@ -202,19 +212,19 @@ fn parse_l4(packet: &Packet, offset: usize, flow: &mut Flow) -> Result<(), Reaso
     };
     packet.check(offset, min_len)?;
     let head: [u8; 4] = packet.read(offset)?;
-    if matches!(flow.protocol, PROTO_ICMP | PROTO_ICMPV6) {
+    if matches!(flow.tuple.protocol, PROTO_ICMP | PROTO_ICMPV6) {
         flow.icmp_type = head[0];
-        if is_echo(flow.protocol, head[0]) {
+        if is_echo(flow.tuple.protocol, head[0]) {
             // The echo identifier pairs requests with replies, like a port pair.
             let id: [u8; 6] = packet.read(offset + 2)?;
-            flow.sport = u16::from_be_bytes([id[2], id[3]]);
-            flow.dport = flow.sport;
-        } else if is_icmp_error(flow.protocol, head[0]) {
-            flow.related = parse_related(packet, offset + 8, flow.protocol);
+            flow.tuple.sport = u16::from_be_bytes([id[2], id[3]]);
+            flow.tuple.dport = flow.tuple.sport;
+        } else if is_icmp_error(flow.tuple.protocol, head[0]) {
+            flow.related = parse_related(packet, offset + 8, flow.tuple.protocol);
         }
     } else {
-        flow.sport = u16::from_be_bytes([head[0], head[1]]);
-        flow.dport = u16::from_be_bytes([head[2], head[3]]);
+        flow.tuple.sport = u16::from_be_bytes([head[0], head[1]]);
+        flow.tuple.dport = u16::from_be_bytes([head[2], head[3]]);
     }
     Ok(())
 }

@@ -85,20 +85,16 @@ pub trait Tables {
     fn track_datagram(&self, key: &DatagramKey, entry: &DatagramEntry);
 }
 
-/// The L3/L4 facts of an IP packet that the decision uses. Ports are host order; for
-/// protocols without ports they are 0. Aligned so that the addresses are copied into keys
-/// in words (`repr(C, align(8))` crashes bpf-linker's LLVM).
-#[repr(align(8))]
+/// The L3/L4 facts of an IP packet that the decision uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    pub src: Addr,
-    pub dst: Addr,
+    /// Addresses, ports (host order; 0 for protocols without ports) and protocol, built in
+    /// place as the flow table's key: lookups take it as it is, and the kernel copies it,
+    /// when it must, in words (a copy of a lone address is 32 byte moves in BPF).
+    pub tuple: FlowKey,
     pub src_mac: [u8; 6],
-    pub protocol: u8,
     /// ICMP/ICMPv6 type, else 0.
     pub icmp_type: u8,
-    pub sport: u16,
-    pub dport: u16,
     /// The first fragment of a fragmented datagram (`datagram_id` names the datagram).
     pub first_fragment: bool,
     pub datagram_id: u32,
@@ -440,7 +436,7 @@ fn remember_drop<T: Tables, const FROM_DEVICE: bool>(
     now_ns: u64,
 ) {
     let dropped = kept_drop::<FROM_DEVICE>(config, flow, decision, now_ns);
-    tables.keep_drop(&flow_key(flow), &dropped, flow_writes);
+    tables.keep_drop(&flow.tuple, &dropped, flow_writes);
 }
 
 /// A drop of a packet of a flow judged in full, kept for the flow's next packets as a copy
@@ -476,10 +472,10 @@ fn kept_drop<const FROM_DEVICE: bool>(
 #[inline(never)]
 fn remember_datagram<T: Tables>(tables: &T, flow: &Flow, decision: &Decision, now_ns: u64) {
     let datagram = DatagramKey {
-        src: flow.src,
-        dst: flow.dst,
+        src: flow.tuple.src,
+        dst: flow.tuple.dst,
         id: flow.datagram_id,
-        protocol: flow.protocol,
+        protocol: flow.tuple.protocol,
         _pad: [0, 0, 0],
     };
     tables.track_datagram(
@@ -505,7 +501,7 @@ fn decide_from_device<T: Tables>(
             sender_ip,
             sender_mac,
         } => return judge_arp(tables, config, sender_ip, sender_mac),
-        Parsed::Ip(flow) => (&flow.src, &flow.src_mac),
+        Parsed::Ip(flow) => (&flow.tuple.src, &flow.src_mac),
         Parsed::Fragment(fragment) => (&fragment.src, &fragment.src_mac),
     };
     let source = match tables.endpoint(&addr_key(config, src)) {
@@ -550,18 +546,18 @@ fn decide_from_device<T: Tables>(
     let key = PolicyKey {
         generation,
         direction: DIR_ALLOW,
-        protocol: flow.protocol,
+        protocol: flow.tuple.protocol,
         port_prefix: 0,
         segment: source.segment,
         port: 0,
-        identity: address_identity(tables, config, &flow.dst),
+        identity: address_identity(tables, config, &flow.tuple.dst),
     };
     let deny_reason = if is_quarantined(&source) || key.identity == IDENTITY_QUARANTINED {
         Reason::Quarantined
     } else {
         Reason::DefaultDeny
     };
-    let mut decision = judge_new_flow(tables, config, key, flow.dport, &segment, deny_reason);
+    let mut decision = judge_new_flow(tables, config, key, flow.tuple.dport, &segment, deny_reason);
     if decision.passes() {
         decision.new_flow = track(
             tables,
@@ -589,7 +585,7 @@ fn decide_to_device<T: Tables>(
     let dst = match packet {
         // The gateway's own ARP; devices' ARP was judged on ingress.
         Parsed::Arp { .. } => return Decision::new(Reason::Essential),
-        Parsed::Ip(flow) => &flow.dst,
+        Parsed::Ip(flow) => &flow.tuple.dst,
         Parsed::Fragment(fragment) => &fragment.dst,
     };
     let destination = match tables.endpoint(&addr_key(config, dst)) {
@@ -629,17 +625,17 @@ fn decide_to_device<T: Tables>(
     let key = PolicyKey {
         generation,
         direction: DIR_ACCEPT,
-        protocol: flow.protocol,
+        protocol: flow.tuple.protocol,
         port_prefix: 0,
         segment: destination.segment,
         port: 0,
-        identity: address_identity(tables, config, &flow.src),
+        identity: address_identity(tables, config, &flow.tuple.src),
     };
     let mut decision = judge_new_flow(
         tables,
         config,
         key,
-        flow.dport,
+        flow.tuple.dport,
         &segment,
         Reason::DefaultDeny,
     );
@@ -741,15 +737,15 @@ fn own_entry<T: Tables>(
     now_ns: u64,
     decided: &mut Decision,
 ) -> OwnEntry {
-    let key = flow_key(flow);
+    let key = &flow.tuple;
     // Read before the table: a write after it makes what is judged now stale.
-    let flow_writes = tables.flow_writes(&key);
+    let flow_writes = tables.flow_writes(key);
     // A copy of the entry, unchanged since, found less than a second after the entry's last
     // refresh, that was checked and passes the packet now, passes it: the table is asked
     // again (and refreshed) once a second. A kept drop holds the same way.
-    if let Some(entry) = tables.recent(&key, flow_writes) {
+    if let Some(entry) = tables.recent(key, flow_writes) {
         let idle = now_ns.saturating_sub(entry.last_seen_ns);
-        if idle < REFRESH_NS.min(timeout_ns(config, flow.protocol))
+        if idle < REFRESH_NS.min(timeout_ns(config, flow.tuple.protocol))
             && checked_for(config, &entry, sender_mac)
         {
             if entry.flags & FLOW_KEPT_DROP != 0 {
@@ -761,7 +757,7 @@ fn own_entry<T: Tables>(
             return passes_on(&entry, decided);
         }
     }
-    let Some(entry) = tables.tracked_and_kept(&key, flow_writes) else {
+    let Some(entry) = tables.tracked_and_kept(key, flow_writes) else {
         return OwnEntry::Judge {
             tracked: false,
             flow_writes,
@@ -772,13 +768,13 @@ fn own_entry<T: Tables>(
         flow_writes,
     };
     let idle = now_ns.saturating_sub(entry.last_seen_ns);
-    if !checked_for(config, &entry, sender_mac) || idle >= timeout_ns(config, flow.protocol) {
+    if !checked_for(config, &entry, sender_mac) || idle >= timeout_ns(config, flow.tuple.protocol) {
         return stale;
     }
     let passes = passes_on(&entry, decided);
     // Timeouts count in seconds: refreshing more often than once a second is waste.
     if idle > REFRESH_NS {
-        let _ = tables.refresh(&key, now_ns);
+        let _ = tables.refresh(key, now_ns);
         // An opener's packets keep its replies' entry alive too; without it (evicted), the
         // full judgement tracks the replies again. Not a refresh: that entry was not found
         // live, and its replies may have been dropped as expired.
@@ -836,12 +832,12 @@ fn continues_tracked<T: Tables>(
     }
     // Looked up again, not carried over from `own_entry` (see there why); this runs once
     // per flow and epoch.
-    let Some(entry) = tracked.then(|| tables.tracked(&flow_key(flow))).flatten() else {
+    let Some(entry) = tracked.then(|| tables.tracked(&flow.tuple)).flatten() else {
         return false;
     };
     let idle = now_ns.saturating_sub(entry.last_seen_ns);
     if entry.flags & FLOW_OPENER != 0
-        || idle >= timeout_ns(config, flow.protocol)
+        || idle >= timeout_ns(config, flow.tuple.protocol)
         || entry.flags & required != required
     {
         return false;
@@ -851,11 +847,11 @@ fn continues_tracked<T: Tables>(
     // the flow). So after a lease move the address's new owner gets and gives none of the
     // old owner's replies, before the daemon's flow cut is through.
     if entry.device != device.device
-        && (sender.is_none() || !is_device_at(tables, config, &flow.dst, entry.device))
+        && (sender.is_none() || !is_device_at(tables, config, &flow.tuple.dst, entry.device))
     {
         return false;
     }
-    let _ = tables.update(&flow_key(flow), |e| {
+    let _ = tables.update(&flow.tuple, |e| {
         e.mark_checked(config.epoch, sender);
         e.flags |= FLOW_ANSWERED;
         if idle > REFRESH_NS {
@@ -875,7 +871,7 @@ fn is_device_at<T: Tables>(tables: &T, config: &Config, addr: &Addr, device: u32
 }
 
 /// Is the ICMP error `flow` about a packet of a live tracked flow with `required` flags?
-/// The quoted packet went from `flow.dst` to `related.dst`: it was either a reply of a
+/// The quoted packet went from `flow.tuple.dst` to `related.dst`: it was either a reply of a
 /// tracked flow, or opened one (whose replies are its reverse). Errors do not keep a flow
 /// alive. Not inlined: it keeps its keys off the hooks' stack frames.
 #[inline(never)]
@@ -895,7 +891,7 @@ fn related_to_tracked<T: Tables>(
         None => false,
     };
     let mut key = FlowKey {
-        src: flow.dst,
+        src: flow.tuple.dst,
         dst: related.dst,
         sport: related.sport,
         dport: related.dport,
@@ -907,7 +903,7 @@ fn related_to_tracked<T: Tables>(
     }
     key = FlowKey {
         src: related.dst,
-        dst: flow.dst,
+        dst: flow.tuple.dst,
         sport: related.dport,
         dport: related.sport,
         protocol: related.protocol,
@@ -956,7 +952,7 @@ fn cache_verdict<T: Tables>(
         ..FlowEntry::default()
     };
     opener.mark_checked(config.epoch, sender);
-    tables.track(&flow_key(flow), &opener);
+    tables.track(&flow.tuple, &opener);
 }
 
 /// What [`track_replies`] found.
@@ -987,7 +983,7 @@ fn track_replies<T: Tables>(
         // simultaneous open): replies pass whatever the policy says now.
         e.device == device.device
             && e.flags & (FLOW_OPENER | FLOW_QUARANTINED) == quarantined
-            && now_ns.saturating_sub(e.last_seen_ns) < timeout_ns(config, flow.protocol)
+            && now_ns.saturating_sub(e.last_seen_ns) < timeout_ns(config, flow.tuple.protocol)
     });
     let Some(entry) = live else {
         tables.track(
@@ -1029,23 +1025,11 @@ const REFRESH_NS: u64 = 1_000_000_000;
 #[inline(always)]
 fn reply_key(flow: &Flow) -> FlowKey {
     FlowKey {
-        src: flow.dst,
-        dst: flow.src,
-        sport: flow.dport,
-        dport: flow.sport,
-        protocol: flow.protocol,
-        _pad: [0, 0, 0],
-    }
-}
-
-#[inline(always)]
-fn flow_key(flow: &Flow) -> FlowKey {
-    FlowKey {
-        src: flow.src,
-        dst: flow.dst,
-        sport: flow.sport,
-        dport: flow.dport,
-        protocol: flow.protocol,
+        src: flow.tuple.dst,
+        dst: flow.tuple.src,
+        sport: flow.tuple.dport,
+        dport: flow.tuple.sport,
+        protocol: flow.tuple.protocol,
         _pad: [0, 0, 0],
     }
 }
@@ -1093,8 +1077,8 @@ pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
 /// DHCP/DHCPv6 client traffic and IPv6 router/neighbour solicitation and advertisement.
 #[inline(always)]
 pub fn is_essential(flow: &Flow) -> bool {
-    match flow.protocol {
-        PROTO_UDP => matches!((flow.sport, flow.dport), (68, 67) | (546, 547)),
+    match flow.tuple.protocol {
+        PROTO_UDP => matches!((flow.tuple.sport, flow.tuple.dport), (68, 67) | (546, 547)),
         // 133 router solicitation, 135 neighbour solicitation, 136 neighbour advertisement.
         // Router advertisements (134) from a device would be a rogue router: not essential.
         PROTO_ICMPV6 => matches!(flow.icmp_type, 133 | 135 | 136),
@@ -1106,8 +1090,8 @@ pub fn is_essential(flow: &Flow) -> bool {
 /// replies and IPv6 router advertisements and neighbour solicitation/advertisement.
 #[inline(always)]
 pub fn is_essential_reply(flow: &Flow) -> bool {
-    match flow.protocol {
-        PROTO_UDP => matches!((flow.sport, flow.dport), (67, 68) | (547, 546)),
+    match flow.tuple.protocol {
+        PROTO_UDP => matches!((flow.tuple.sport, flow.tuple.dport), (67, 68) | (547, 546)),
         PROTO_ICMPV6 => matches!(flow.icmp_type, 134..=136),
         _ => false,
     }

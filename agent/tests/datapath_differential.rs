@@ -28,9 +28,9 @@ use std::{
 };
 
 use agent_ebpf::{
-    maps::Config,
+    maps::{Config, FlowKey},
     parse::{parse, Packet, Parsed},
-    verdict::{Flow, Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+    verdict::{Reason, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP},
 };
 use common::*;
 use ipnet::IpNet;
@@ -954,13 +954,13 @@ fn evaluator_case(
     let Ok(Parsed::Ip(flow)) = parse(&Packet::from_slice(bytes)) else {
         return None;
     };
-    let Flow {
+    let FlowKey {
         src,
         dst,
         protocol,
         dport,
         ..
-    } = flow;
+    } = flow.tuple;
     let (src, dst) = (
         IpAddr::from(src).to_canonical(),
         IpAddr::from(dst).to_canonical(),

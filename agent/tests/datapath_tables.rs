@@ -1095,14 +1095,14 @@ fn frames_are_real() {
         let ours = match parse(&Packet::from_slice(&bytes)) {
             Ok(Parsed::Ip(flow)) => {
                 let addr = |a: [u8; 16]| IpAddr::from(a).to_canonical();
-                let detail = (flow.icmp_type, flow.sport);
+                let detail = (flow.icmp_type, flow.tuple.sport);
                 format!(
                     "{} {} {} {:?} {}",
-                    addr(flow.src),
-                    addr(flow.dst),
-                    flow.protocol,
+                    addr(flow.tuple.src),
+                    addr(flow.tuple.dst),
+                    flow.tuple.protocol,
                     detail,
-                    flow.dport
+                    flow.tuple.dport
                 )
             }
             Ok(Parsed::Arp {

@@ -557,7 +557,7 @@ mod tests {
     use std::path::Path;
 
     use agent_ebpf::{
-        maps::Config,
+        maps::{Config, FlowKey},
         parse::Parsed,
         verdict::{judge_from_device, judge_to_device, Flow},
     };
@@ -1358,13 +1358,16 @@ devices:
                 None => (4242, 4242),
             };
             Parsed::Ip(Flow {
-                src: addr_octets(src),
-                dst: addr_octets(dst),
+                tuple: FlowKey {
+                    src: addr_octets(src),
+                    dst: addr_octets(dst),
+                    sport,
+                    dport,
+                    protocol,
+                    _pad: [0; 3],
+                },
                 src_mac,
-                protocol,
                 icmp_type,
-                sport,
-                dport,
                 ..Flow::default()
             })
         }
