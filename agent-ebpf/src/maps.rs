@@ -137,10 +137,12 @@ pub fn addr_halves(addr: &Addr) -> [u64; 2] {
 }
 
 /// IPv4-mapped form of an IPv4 address. Computed as a number: ten zero octets written as
-/// such become a `memset` call, which BPF has only as a byte loop.
+/// such become a `memset` call, which BPF has only as a byte loop. Little-endian, so that
+/// on the BPF target (and x86) no octet is swapped: the address is two words stored as
+/// they are.
 #[inline(always)]
 pub const fn v4_mapped(octets: [u8; 4]) -> Addr {
-    ((0xffff << 32) | u32::from_be_bytes(octets) as u128).to_be_bytes()
+    ((u32::from_le_bytes(octets) as u128) << 96 | 0xffff << 80).to_le_bytes()
 }
 
 /// Global settings, the single entry of the `CONFIG` array.
@@ -626,7 +628,7 @@ mod tests {
     #[test]
     fn masks_and_maps_addresses() {
         let a = v4_mapped([10, 1, 2, 3]);
-        assert_eq!(a[..12], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(a, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
         assert!(is_v4_mapped(&a) && !is_v4_mapped(&V6));
         assert_eq!(mask_addr(&a, 96 + 16), v4_mapped([10, 1, 0, 0]));
         assert_eq!(mask_addr(&a, 128), a);
