@@ -405,14 +405,13 @@ impl Maps {
         let conntrack = &mut self.conntrack;
         let now = monotonic_ns();
         for i in 0..n {
-            let key = FlowKey {
-                src: addr_octets(IpAddr::V4(scale::zone_cidr(i % 100))),
-                dst: addr_octets(IpAddr::V4(scale::device(i).1)),
-                sport: 1000,
-                dport: 30_000 + (i % 30_000) as u16,
-                protocol: 6,
-                _pad: [0; 3],
-            };
+            let key = FlowKey::new(
+                addr_octets(IpAddr::V4(scale::zone_cidr(i % 100))),
+                addr_octets(IpAddr::V4(scale::device(i).1)),
+                1000,
+                30_000 + (i % 30_000) as u16,
+                6,
+            );
             let entry = FlowEntry {
                 last_seen_ns: now,
                 device: i + 1,

@@ -207,6 +207,26 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+impl FlowKey {
+    #[inline(always)]
+    pub const fn new(src: Addr, dst: Addr, sport: u16, dport: u16, protocol: u8) -> Self {
+        FlowKey {
+            src,
+            dst,
+            sport,
+            dport,
+            protocol,
+            _pad: [0, 0, 0],
+        }
+    }
+
+    /// The tuple of the packets that go the other way (a flow's replies).
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        FlowKey::new(self.dst, self.src, self.dport, self.sport, self.protocol)
+    }
+}
+
 /// A tracked flow, under the tuple of the packets it lets pass.
 ///
 /// A *reply* entry (keyed by the reply direction of an allowed flow) lets the flow's replies

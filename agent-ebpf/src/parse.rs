@@ -91,14 +91,8 @@ fn parse_ipv4(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Parsed
         }));
     }
     let mut flow = Flow {
-        tuple: FlowKey {
-            src,
-            dst,
-            sport: 0,
-            dport: 0,
-            protocol: ip[9],
-            _pad: [0, 0, 0],
-        },
+        // Ports are read by `parse_l4`.
+        tuple: FlowKey::new(src, dst, 0, 0, ip[9]),
         src_mac,
         first_fragment: fragment & IPV4_MORE_FRAGMENTS != 0,
         datagram_id,
@@ -172,14 +166,8 @@ fn parse_ipv6(packet: &Packet, offset: usize, src_mac: [u8; 6]) -> Result<Parsed
         walked += 1;
     }
     let mut flow = Flow {
-        tuple: FlowKey {
-            src,
-            dst,
-            sport: 0,
-            dport: 0,
-            protocol: next_header,
-            _pad: [0, 0, 0],
-        },
+        // Ports are read by `parse_l4`.
+        tuple: FlowKey::new(src, dst, 0, 0, next_header),
         src_mac,
         first_fragment,
         datagram_id,

@@ -779,7 +779,7 @@ fn own_entry<T: Tables>(
         // full judgement tracks the replies again. Not a refresh: that entry was not found
         // live, and its replies may have been dropped as expired.
         if entry.flags & FLOW_OPENER != 0
-            && !tables.update(&reply_key(flow), |e| e.last_seen_ns = now_ns)
+            && !tables.update(&flow.tuple.reversed(), |e| e.last_seen_ns = now_ns)
         {
             return stale;
         }
@@ -890,25 +890,18 @@ fn related_to_tracked<T: Tables>(
         }
         None => false,
     };
-    let mut key = FlowKey {
-        src: flow.tuple.dst,
-        dst: related.dst,
-        sport: related.sport,
-        dport: related.dport,
-        protocol: related.protocol,
-        _pad: [0, 0, 0],
-    };
+    // One key, turned round for the second look: the frame holds one.
+    let mut key = FlowKey::new(
+        flow.tuple.dst,
+        related.dst,
+        related.sport,
+        related.dport,
+        related.protocol,
+    );
     if live(&key) {
         return true;
     }
-    key = FlowKey {
-        src: related.dst,
-        dst: flow.tuple.dst,
-        sport: related.dport,
-        dport: related.sport,
-        protocol: related.protocol,
-        _pad: [0, 0, 0],
-    };
+    key = key.reversed();
     live(&key)
 }
 
@@ -976,7 +969,7 @@ fn track_replies<T: Tables>(
     device: &Endpoint,
     now_ns: u64,
 ) -> Tracked {
-    let reply = reply_key(flow);
+    let reply = flow.tuple.reversed();
     let quarantined = quarantine_flag(device);
     let live = tables.tracked(&reply).filter(|e| {
         // A new reply entry replaces another device's, or an opener under the same tuple (a
@@ -1020,19 +1013,6 @@ fn quarantine_flag(device: &Endpoint) -> u16 {
 /// Tracked flows are refreshed at most once a second, from either direction: a map write
 /// per packet is not free, and timeouts are counted in seconds.
 const REFRESH_NS: u64 = 1_000_000_000;
-
-/// The tuple of `flow`'s replies.
-#[inline(always)]
-fn reply_key(flow: &Flow) -> FlowKey {
-    FlowKey {
-        src: flow.tuple.dst,
-        dst: flow.tuple.src,
-        sport: flow.tuple.dport,
-        dport: flow.tuple.sport,
-        protocol: flow.tuple.protocol,
-        _pad: [0, 0, 0],
-    }
-}
 
 #[inline(always)]
 fn timeout_ns(config: &Config, protocol: u8) -> u64 {

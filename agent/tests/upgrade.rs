@@ -92,14 +92,7 @@ fn pins_of_the_release_before_flow_epochs_are_taken_over() {
         &[(&0u32.to_ne_bytes(), &old_config)],
     );
     // One tracked flow of device 7, opened under quarantine.
-    let key = FlowKey {
-        src: [1; 16],
-        dst: [2; 16],
-        sport: 443,
-        dport: 40000,
-        protocol: 6,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new([1; 16], [2; 16], 443, 40000, 6);
     // SAFETY: FlowKey is plain repr(C) data without uninitialised bytes (explicit padding).
     let key_bytes = unsafe {
         std::slice::from_raw_parts((&key as *const FlowKey).cast::<u8>(), size_of::<FlowKey>())

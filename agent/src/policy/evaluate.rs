@@ -1358,14 +1358,7 @@ devices:
                 None => (4242, 4242),
             };
             Parsed::Ip(Flow {
-                tuple: FlowKey {
-                    src: addr_octets(src),
-                    dst: addr_octets(dst),
-                    sport,
-                    dport,
-                    protocol,
-                    _pad: [0; 3],
-                },
+                tuple: FlowKey::new(addr_octets(src), addr_octets(dst), sport, dport, protocol),
                 src_mac,
                 icmp_type,
                 ..Flow::default()
